@@ -1,0 +1,181 @@
+"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits.
+
+Loaders yield (images, labels): images are float tensors in [0, 1], NOT normalised (each model
+normalises its own input, teacher and student may use different stats); labels are int64.
+Mixup/CutMix is returned as a separate callable for train.py to apply to each batch.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
+
+DATASETS = ('cifar100', 'imagenet', 'digits')
+NUM_CLASSES = {'cifar100': 100, 'imagenet': 1000, 'digits': 10}
+# per-channel stats the models normalise with; imagenet: None = each model's own timm config.
+# digits: train split of the fixed split below, scaled to [0,1] and upsampled to 32x32.
+NORM = {
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)),
+    'imagenet': None,
+}
+IDENTITY = ((0., 0., 0.), (1., 1., 1.))  # makes timm's Normalize a no-op
+
+
+def _posterize(img, bits_to_keep, _timm_posterize=auto_augment.posterize, **kwargs):
+    # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12 raises,
+    # older Pillow returned a black image, which is what the recipe was trained with.
+    return Image.new(img.mode, img.size) if bits_to_keep < 1 else _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_OP.items()
+                                if f is auto_augment.posterize})
+
+
+def num_classes(dataset, data_dir=None):
+    if dataset != 'imagenet':
+        return NUM_CLASSES[dataset]
+    train = os.path.join(_need_dir(dataset, data_dir), 'train')
+    _need_imagefolder(train)
+    return sum(e.is_dir() for e in os.scandir(train))
+
+
+def _need_dir(dataset, data_dir):
+    if not data_dir:
+        raise SystemExit(f"{dataset} needs --data-dir pointing at the dataset root.")
+    return data_dir
+
+
+def _need_imagefolder(path):
+    if not os.path.isdir(path):
+        raise SystemExit(f"ImageNet folder {path} not found: --data-dir must contain "
+                         "train/<class>/*.JPEG and val/<class>/*.JPEG.")
+
+
+def _transform(dataset, img_size, recipe, train):
+    if not train:  # Resize(img_size / 0.875) + CenterCrop(img_size)
+        return create_transform(img_size, crop_pct=0.875, interpolation='bilinear',
+                                mean=IDENTITY[0], std=IDENTITY[1])
+    vit = recipe == 'vit'
+    # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
+    # vit pipeline is built with real stats and the Normalize is undone at the end.
+    mean, std = (NORM[dataset] or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)) if vit else IDENTITY
+    tf = create_transform(img_size, is_training=True, color_jitter=0., interpolation='bilinear',
+                          auto_augment='rand-m9-mstd0.5-inc1' if vit else None,
+                          re_prob=0.25 if vit else 0., re_mode='pixel', mean=mean, std=std)
+    if vit:
+        tf.transforms.append(torchvision.transforms.Normalize(
+            [-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
+    return tf
+
+
+def _image_datasets(dataset, data_dir, img_size, recipe):
+    tf_train, tf_val = (_transform(dataset, img_size, recipe, t) for t in (True, False))
+    data_dir = _need_dir(dataset, data_dir)
+    if dataset == 'cifar100':
+        try:  # download=True only fetches when the files are missing or corrupt
+            return [torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
+                    for t, tf in ((True, tf_train), (False, tf_val))]
+        except (OSError, RuntimeError) as e:
+            raise SystemExit(f"CIFAR-100 not found in {os.path.join(data_dir, 'cifar-100-python')} and "
+                             f"download failed ({e}): download and extract cifar-100-python.tar.gz "
+                             f"from https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir}.")
+    paths = [os.path.join(data_dir, split) for split in ('train', 'val')]
+    for p in paths:
+        _need_imagefolder(p)
+    train, val = (torchvision.datasets.ImageFolder(p, tf) for p, tf in zip(paths, (tf_train, tf_val)))
+    if train.classes != val.classes:
+        raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
+    return train, val
+
+
+def _digits_datasets(img_size, train_fraction):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    # upsample once at build time; the whole set then lives in memory as tensors
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
+    x = F.interpolate(x, size=img_size, mode='bilinear', align_corners=False).clamp(0, 1)
+    x, y = x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target, dtype=torch.int64)
+    # the split and the train subset are fixed (random_state=0), independent of the run seed
+    idx = np.arange(len(y))
+    train_idx, val_idx = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
+    if train_fraction < 1:
+        train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
+                                        stratify=d.target[train_idx], random_state=0)
+    train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
+    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+
+
+class _Translate:
+    """Collate for digits: random shift of up to +-pad pixels (zero pad + crop), drawn from the
+    loader's generator. No flips: they change digits."""
+    def __init__(self, pad, generator):
+        self.pad, self.generator = pad, generator
+
+    def __call__(self, batch):
+        x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+        p, s = self.pad, x.shape[-1]
+        xp = F.pad(x, (p, p, p, p))
+        ij = torch.randint(0, 2 * p + 1, (len(x), 2), generator=self.generator).tolist()
+        return torch.stack([im[:, i:i + s, j:j + s] for im, (i, j) in zip(xp, ij)]), y
+
+
+def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
+                  distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
+                  pin_memory=False):
+    """Returns (train_loader, val_loader, mixup_fn_or_None)."""
+    if dataset not in DATASETS:
+        raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
+    if recipe not in ('cnn', 'vit'):
+        raise SystemExit(f"Unknown recipe {recipe!r}: choose 'cnn' or 'vit'.")
+    if recipe == 'vit' and batch_size % 2:
+        raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
+    generator = torch.Generator().manual_seed(seed)  # reseeded each epoch by set_epoch
+    collate = None
+    if dataset == 'digits':
+        train_set, val_set = _digits_datasets(img_size, train_fraction)
+        collate, workers = _Translate(max(1, img_size // 8), generator), 0
+    else:
+        train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
+    if distributed:
+        train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+                                           shuffle=True, seed=seed, drop_last=True)
+        val_sampler = range(rank, len(val_set), world_size)  # disjoint shards, no padding
+    else:
+        train_sampler, val_sampler = RandomSampler(train_set, generator=generator), None
+    # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
+    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, num_workers=workers,
+                              collate_fn=collate, pin_memory=pin_memory, drop_last=True,
+                              generator=generator, persistent_workers=False)
+    val_loader = DataLoader(val_set, batch_size, sampler=val_sampler, shuffle=False,
+                            num_workers=workers, pin_memory=pin_memory, drop_last=False)
+    if len(train_loader) == 0:
+        raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than "
+                         f"--batch-size {batch_size}: lower the batch size.")
+    mixup = None
+    if recipe == 'vit':  # soft targets with label smoothing folded in
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
+                      label_smoothing=0.1, num_classes=num_classes(dataset, data_dir))
+    return train_loader, val_loader, mixup
+
+
+def set_epoch(loader, epoch, seed):
+    """Make the epoch's sample order and augmentation a function of (seed, epoch) only.
+    Also reseeds the global RNGs: in-process randomness (PIL transforms when workers=0, Mixup's
+    numpy draws, dropout) comes from them, so resuming at an epoch boundary is bit-exact."""
+    rank = 0
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)  # same order on all ranks, disjoint shards
+        rank = loader.sampler.rank  # ranks must not share augmentation streams
+    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+    loader.generator.manual_seed(s)  # RandomSampler order, worker base seeds, digits shifts
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)

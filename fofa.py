@@ -1,0 +1,207 @@
+"""FOFA: feature-based one-for-all distillation (region-aware attention + adaptive feedback prompts).
+
+Use it in any training loop (student and teacher are models.Staged; images in [0, 1]):
+
+    student = models.create('deit_t', num_classes=100)
+    teacher = models.create('convnext_t', num_classes=100)
+    teacher.net.load_state_dict(torch.load('convnext_t_cifar100.pth', weights_only=True))
+    distiller = FOFA(student, teacher, img_size=224).to(device)      # teacher is frozen and kept out of .parameters()
+    opt = torch.optim.AdamW(distiller.parameters(), lr=5e-4, weight_decay=0.05)
+    for images, labels in loader:
+        logits, losses = distiller(images.to(device), labels.to(device))
+        losses['total'].backward(); opt.step(); opt.zero_grad()
+    torch.save(student.net.state_dict(), 'student.pth')                 # a plain timm state_dict
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses import afp_reg, hcl, kd
+
+
+class Distiller(nn.Module):
+    """A student trained with CE (+ KD from a frozen teacher when one is given).
+
+    The teacher is deliberately not a submodule: it has no trainable parameters, stays out of .parameters(),
+    state_dict() and DDP, and always runs in eval mode. .to()/.cuda()/.half() still move it along."""
+
+    def __init__(self, student, teacher=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
+        super().__init__()
+        self.student, self.kd_t, self.label_smoothing = student, kd_t, label_smoothing
+        self.weights = {'ce': 1.0, 'kd': alpha if teacher is not None else 0.0}
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        object.__setattr__(self, 'teacher', teacher)
+
+    def _apply(self, fn, *args, **kwargs):
+        if self.teacher is not None:
+            self.teacher._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, images, targets):
+        """targets: class indices or soft targets (mixup). Returns (student logits, {loss name: scalar, 'total'})."""
+        logits, feats = self.student(images)
+        losses = {'ce': F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_logits, t_feats = self.teacher(images)
+            losses.update(self.distill(images, logits.float(), feats, t_logits.float(), t_feats))
+        losses['total'] = sum(self.weights.get(k, 1.0) * v for k, v in losses.items())
+        return logits, losses
+
+    def distill(self, images, logits, feats, t_logits, t_feats):
+        return {'kd': kd(logits, t_logits, self.kd_t)}
+
+
+class Patchify(nn.Module):
+    """C_i in Eq. 3: a (grid x grid) patch conv from one student stage to d-dim tokens."""
+
+    def __init__(self, shape, grid, dim):
+        super().__init__()
+        c, h, w = shape
+        self.k = (math.ceil(h / grid), math.ceil(w / grid))
+        self.size = (self.k[0] * grid, self.k[1] * grid)  # maps smaller than the grid needs are upsampled first
+        self.proj = nn.Conv2d(c, dim, self.k, self.k)
+
+    def forward(self, x):
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode='nearest')
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, grid^2, d)
+
+
+class Aligner(nn.Module):
+    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W), with a channel and a learned spatial projection."""
+
+    def __init__(self, dim, tokens, shape):
+        super().__init__()
+        self.shape = shape
+        self.norm, self.channels = nn.LayerNorm(dim), nn.Linear(dim, shape[0])
+        self.spatial = nn.Linear(tokens, shape[1] * shape[2])
+
+    def forward(self, t):
+        x = self.channels(self.norm(t)).transpose(1, 2)  # (B, C_t, grid^2)
+        return self.spatial(x).unflatten(2, self.shape[1:])
+
+
+class RAA(nn.Module):
+    """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then per-stage aligners.
+    attention=False leaves only patchify + aligners: the FitNet baseline of Table 4."""
+
+    def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True):
+        super().__init__()
+        grid = math.isqrt(nq // 4)
+        if nq < 4 or 4 * grid * grid != nq:
+            raise ValueError(f'N_q must be 4*k*k so that each of the 4 stages is a k x k grid (36, 64, 100, 144...); '
+                             f'got {nq}')
+        if dim % heads:
+            raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
+        self.heads, self.attention, self.keep_attn, self.attn = heads, attention, False, None
+        self.patchify = nn.ModuleList(Patchify(s, grid, dim) for s in student_shapes)
+        self.align = nn.ModuleList(Aligner(dim, grid * grid, t) for t in teacher_shapes)
+        if attention:
+            self.pos = nn.Parameter(torch.zeros(1, nq, dim))  # one embedding per (stage, patch) slot
+            nn.init.trunc_normal_(self.pos, std=0.02)
+            self.norm, self.qk, self.v = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, feats):
+        tokens = torch.cat([p(f) for p, f in zip(self.patchify, feats)], 1)  # Eq. 3: F^S, (B, N_q, d)
+        if self.attention:
+            h = self.norm(tokens)
+            q, k = self.qk(h + self.pos).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            v = self.v(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            if self.keep_attn:  # explicit softmax so the map can be drawn (eval.py --attn)
+                attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+                self.attn, out = attn.detach(), attn @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v)  # Eq. 4
+            tokens = out.transpose(1, 2).flatten(2)
+        return [a(t) for a, t in zip(self.align, tokens.chunk(4, 1))]
+
+
+class SE(nn.Module):
+    """Squeeze-excitation that gates the feature (the official block returned the gate itself)."""
+
+    def __init__(self, c):
+        super().__init__()
+        hidden = max(c // 16, 8)
+        self.fc = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, c, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x.mean((2, 3), keepdim=True))
+
+
+class AFP(nn.Module):
+    """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))).
+
+    feedback = M(F_S) - F_T' of the previous iteration, kept in the `feedback` buffer (stage-output shape).
+    beta starts at 0, so at initialisation the prompted teacher is the teacher."""
+
+    def __init__(self, in_shape, out_shape, use_feedback=True):
+        super().__init__()
+        c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
+        self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
+        # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
+        self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g), nn.Conv2d(c, c, 5, padding=2, groups=c),
+                                    nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1, groups=g))
+        self.beta = nn.Parameter(torch.zeros(1))
+        if use_feedback:
+            # feedback from the stage output back to the stage input's channels (resized in forward)
+            self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
+            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2), nn.Conv2d(c, c, 1),
+                                        SE(c), nn.Conv2d(c, c, 1))
+            self.register_buffer('feedback', torch.zeros(0))
+
+    def forward(self, x):
+        if self.use_feedback:
+            fb = self.feedback
+            if fb.shape[0] != x.shape[0]:  # first step or a batch of another size: zero feedback, same parameters
+                fb = x.new_zeros(x.shape[0], *self.out_shape)
+            fb = self.fb_align(fb.to(x.dtype))
+            if fb.shape[-2:] != x.shape[-2:]:
+                fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
+            x_in = self.fusion(torch.cat([fb, x], 1))  # Eq. 6: FB(Concat(Feedback_i, F_i^T))
+        else:
+            x_in = x
+        return x + self.beta * self.prompt(x_in)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'feedback'  # the buffer's shape depends on the batch: take the checkpoint's
+        if self.use_feedback and key in state_dict:
+            self.feedback = self.feedback.new_empty(state_dict[key].shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class FOFA(Distiller):
+    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8).
+
+    FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i) (Eq. 2), against the prompted teacher's features;
+    Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4 (empty: no prompts, the plain teacher's features
+    are the targets). raa=False drops the attention (FitNet baseline). Under DDP use broadcast_buffers=False: the
+    feedback buffers belong to each rank's own batch."""
+
+    def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
+                 raa=True, alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0, label_smoothing=0.0):
+        super().__init__(student, teacher, alpha, kd_t, label_smoothing)
+        if not set(afp_stages) <= {1, 2, 3, 4}:
+            raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
+        _, s_out = student.shapes(img_size)
+        t_in, t_out = teacher.shapes(img_size)
+        self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa)
+        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback) for i in sorted(afp_stages)})
+        self.weights.update(fd=beta, reg=gamma)
+
+    def distill(self, images, logits, feats, t_logits, t_feats):
+        aligned = self.raa(feats)
+        losses = {'kd': kd(logits, t_logits, self.kd_t)}  # Eq. 1, against the plain teacher
+        if len(self.afp):
+            prompts = {int(i): afp for i, afp in self.afp.items()}
+            tp_logits, t_feats = self.teacher(images, prompts)  # the prompted pass: gradients reach the prompts
+            losses['reg'] = afp_reg(tp_logits.float(), t_logits)  # Eq. 7
+        losses['fd'] = sum(hcl(a.float(), t.float()) for a, t in zip(aligned, t_feats))  # Eq. 2 with D = HCL
+        with torch.no_grad():
+            for i, afp in self.afp.items():  # Eq. 5: this iteration's gap is the next iteration's feedback
+                if afp.use_feedback:  # a new tensor, not an in-place copy: this step's graph still uses the old one
+                    afp.feedback = (aligned[int(i)] - t_feats[int(i)]).float()
+        return losses
