@@ -18,19 +18,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import afp_reg, hcl, kd
+from losses import afp_reg, hcl, kd, ofa
 
 
 class Distiller(nn.Module):
-    """A student trained with CE (+ KD from a frozen teacher when one is given).
+    """A student trained with CE, plus `loss` against a frozen teacher when one is given.
 
+    loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}, each term weighted by alpha (default: KD).
     The teacher is deliberately not a submodule: it has no trainable parameters, stays out of .parameters(),
     state_dict() and DDP, and always runs in eval mode. .to()/.cuda()/.half() still move it along."""
 
-    def __init__(self, student, teacher=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
+    def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__()
-        self.student, self.kd_t, self.label_smoothing = student, kd_t, label_smoothing
-        self.weights = {'ce': 1.0, 'kd': alpha if teacher is not None else 0.0}
+        self.student, self.label_smoothing, self.alpha = student, label_smoothing, alpha
+        self.loss = loss or (lambda s, t, *_: {'kd': kd(s, t, kd_t)})  # Eq. 1
+        self.weights = {'ce': 1.0}
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         object.__setattr__(self, 'teacher', teacher)
@@ -47,12 +49,41 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             with torch.no_grad():
                 t_logits, t_feats = self.teacher(images)
-            losses.update(self.distill(images, logits.float(), feats, t_logits.float(), t_feats))
-        losses['total'] = sum(self.weights.get(k, 1.0) * v for k, v in losses.items())
+            losses.update(self.distill(images, targets, logits.float(), feats, t_logits.float(), t_feats))
+        losses['total'] = sum(self.weights.get(k, self.alpha) * v for k, v in losses.items())
         return logits, losses
 
-    def distill(self, images, logits, feats, t_logits, t_feats):
-        return {'kd': kd(logits, t_logits, self.kd_t)}
+    def distill(self, images, targets, logits, feats, t_logits, t_feats):
+        return self.loss(logits, t_logits, targets, feats, t_feats)
+
+
+class OFA(Distiller):
+    """OFA-KD baseline (Hao et al. 2023): every chosen student stage gets a head to logits, trained with the OFA loss
+    against the teacher; the final logits get it too. Stage maps are (B, C, H, W) for every family, so one head
+    design (stride-2 separable convs down to the last stage's size, 1x1 conv, pool, linear) serves CNN, ViT and MLP."""
+
+    def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
+        super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)}, **kw)
+        _, s_out = student.shapes(img_size)
+        width = max(s_out[3][0], teacher.shapes(img_size)[1][3][0])
+        self.heads = nn.ModuleDict({str(i - 1): self.head(s_out[i - 1], s_out[3][1], width, num_classes)
+                                    for i in stages})
+        self.eps = eps
+
+    @staticmethod
+    def head(shape, final_size, width, num_classes):
+        c, h, layers = shape[0], shape[1], []
+        while h > final_size:
+            layers += [nn.Conv2d(c, c, 3, 2, 1, groups=c), nn.Conv2d(c, 2 * c, 1), nn.GELU()]
+            c, h = 2 * c, (h + 1) // 2
+        return nn.Sequential(*layers, nn.Conv2d(c, width, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.LayerNorm(width), nn.Linear(width, num_classes))
+
+    def distill(self, images, targets, logits, feats, t_logits, t_feats):
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
+        losses['ofa_stages'] = sum(ofa(h(feats[int(i)]).float(), t_logits, targets, self.eps)
+                                   for i, h in self.heads.items())
+        return losses
 
 
 class Patchify(nn.Module):
@@ -183,7 +214,7 @@ class FOFA(Distiller):
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
                  raa=True, alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0, label_smoothing=0.0):
-        super().__init__(student, teacher, alpha, kd_t, label_smoothing)
+        super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
             raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
         _, s_out = student.shapes(img_size)
@@ -192,9 +223,9 @@ class FOFA(Distiller):
         self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback) for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
 
-    def distill(self, images, logits, feats, t_logits, t_feats):
+    def distill(self, images, targets, logits, feats, t_logits, t_feats):
         aligned = self.raa(feats)
-        losses = {'kd': kd(logits, t_logits, self.kd_t)}  # Eq. 1, against the plain teacher
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # Eq. 1 against the plain teacher
         if len(self.afp):
             prompts = {int(i): afp for i, afp in self.afp.items()}
             tp_logits, t_feats = self.teacher(images, prompts)  # the prompted pass: gradients reach the prompts

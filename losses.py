@@ -1,4 +1,5 @@
 """Distillation losses on logits and feature maps. Every function takes float32 tensors and returns a scalar."""
+import torch
 import torch.nn.functional as F
 
 
@@ -23,3 +24,88 @@ def hcl(fs, ft):
             loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
             total += w
     return loss / total
+
+
+# ---- Baselines (Sec. 4 comparisons). Inputs may be bf16 under autocast, so each casts to float32 first. ----
+# CRD is left out: it needs a memory bank of embeddings for the whole training set, which does not fit a pure function.
+
+
+def dkd_parts(logits_s, logits_t, target, T=4.0):
+    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, without T^2: returns (TCKD, NCKD, b_T), all (B,).
+    TCKD = KL of the binary (target, rest) distributions; NCKD = KL(p~_T || p~_S) over the non-target classes,
+    renormalised exactly (the target column is dropped). b_T is the teacher's target probability at T, so that
+    KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD."""
+    s, t = logits_s.float() / T, logits_t.float() / T
+    B, C = s.shape
+    gt = F.one_hot(target, C).bool()
+    s_nt, t_nt = s[~gt].view(B, C - 1), t[~gt].view(B, C - 1)
+    # log of the binary distribution [p_target, 1 - p_target], from log-sum-exps (stable, no log(1 - p))
+    bin_s = torch.stack([s[gt], s_nt.logsumexp(-1)], -1) - s.logsumexp(-1, keepdim=True)
+    bin_t = torch.stack([t[gt], t_nt.logsumexp(-1)], -1) - t.logsumexp(-1, keepdim=True)
+    tckd = (bin_t.exp() * (bin_t - bin_s)).sum(-1)
+    ls, lt = F.log_softmax(s_nt, -1), F.log_softmax(t_nt, -1)
+    nckd = (lt.exp() * (lt - ls)).sum(-1)
+    return tckd, nckd, bin_t[:, 0].exp()
+
+
+def dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, T=4.0):
+    """DKD loss alpha*TCKD + beta*NCKD, each times T^2, batch mean. Defaults are the DKD paper's CIFAR-100 setting
+    (alpha 1, beta 8, T 4); the OFA/PAT code's CLI defaults were alpha 1, beta 2, T 1, but that class was broken
+    (AttributeError on never-set attributes), so we follow the paper. target: class indices (int64)."""
+    tckd, nckd, _ = dkd_parts(logits_s, logits_t, target, T)
+    return (alpha * tckd + beta * nckd).mean() * T * T
+
+
+def _pearson_rows(a, b, eps=1e-8):
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
+
+
+def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
+    """DIST (Huang et al., NeurIPS'22) Eq. 4-7: beta*(1 - mean Pearson over samples, i.e. rows of p) +
+    gamma*(1 - mean Pearson over classes, i.e. columns of p), p = softmax(logits / tau), times tau^2."""
+    ps, pt = F.softmax(logits_s.float() / tau, -1), F.softmax(logits_t.float() / tau, -1)
+    inter = 1 - _pearson_rows(ps, pt).mean()
+    intra = 1 - _pearson_rows(ps.t(), pt.t()).mean()
+    return (beta * inter + gamma * intra) * tau * tau
+
+
+def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
+    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S, at temperature T (no T^2).
+    target: class indices (B,) or soft targets (B, C) from mixup/smoothing, whose argmax is taken as the class,
+    as in the official code. eps = 1 gives cross-entropy against the teacher's probabilities."""
+    s, t = logits_s.float(), logits_t.float()
+    if target.dim() == 2:
+        target = target.argmax(-1)
+    y = F.one_hot(target, s.shape[-1]).float()
+    w = (F.softmax(t / T, -1) + y).pow(eps) - y
+    return -(w * F.log_softmax(s / T, -1)).sum(-1).mean()
+
+
+def _pdist(e):
+    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt()
+    return d * (1 - torch.eye(len(e), device=e.device))
+
+
+def _angles(e):
+    v = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=-1)  # v[i, j] = unit(e_j - e_i)
+    return torch.einsum('ijd,ikd->ijk', v, v)  # cos of the angle at e_i between e_j and e_k
+
+
+def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
+    """RKD (Park et al., CVPR'19) Eq. 6-9: smooth-L1 between the pairwise-distance matrices, each divided by its mean
+    off-diagonal distance, times w_dist, plus smooth-L1 between the triplet angle cosines, times w_angle.
+    Student and teacher dims may differ (the matrices are B x B)."""
+    s, t = emb_s.float(), emb_t.float()
+    ds, dt = _pdist(s), _pdist(t)
+    off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    ds, dt = ds / ds[off].mean(), dt / dt[off].mean()
+    return w_dist * F.smooth_l1_loss(ds, dt) + w_angle * F.smooth_l1_loss(_angles(s), _angles(t))
+
+
+def cc(emb_s, emb_t):
+    """Correlation congruence (Peng et al., ICCV'19) Eq. 4: mean squared difference of the B x B batch correlation
+    matrices. We use the plain Gram of L2-normalised embeddings (cosine kernel) instead of the paper's Taylor-expanded
+    Gaussian RBF (a power series in the same cosine). Student and teacher dims may differ."""
+    s, t = F.normalize(emb_s.float(), dim=-1), F.normalize(emb_t.float(), dim=-1)
+    return (s @ s.t() - t @ t.t()).pow(2).mean()

@@ -1,13 +1,26 @@
 """CPU tests, no downloads: python -m pytest -q test_smoke.py"""
+import hashlib
+import json
 import math
+import os
+import pickle
+import subprocess
+import sys
+import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
 
+import data
+import eval as evaluate_script
 import models
+import train
 from fofa import FOFA, RAA
-from losses import hcl, kd
+from losses import cc, dist, dkd, dkd_parts, hcl, kd, ofa, rkd
 
 torch.set_num_threads(2)
 
@@ -148,3 +161,434 @@ def test_kd_and_hcl_match_hand_written_formulas():
     small_s, small_t = fs[..., :2, :2], ft[..., :2, :2]  # 2x2 maps: only the 1x1 level is smaller than the map
     expected = (mse(small_s, small_t) + 0.125 * mse(small_s.mean((2, 3)), small_t.mean((2, 3)))) / 1.125
     torch.testing.assert_close(hcl(small_s, small_t), expected)
+
+
+# ---------------------------------------------------------------- trainer, eval, DDP (digits, offline)
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--dataset', 'digits', '--train-fraction', '0.3', '--batch-size', '32', '--dim', '64', '--log-every', '1000']
+
+
+def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
+    out, teachers = str(tmp_path / 'run'), str(tmp_path / 'teachers')
+    train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '2', '--out', out,
+                       '--teacher-dir', teachers, '--teacher-epochs', '1', '--ema', '0.9'])
+    cached = os.listdir(teachers)
+    assert 'convnext_mini_digits_32px_10cls_frac0.3.pt' in cached
+    logs = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+    assert [r['epoch'] for r in logs] == [1, 2]
+    assert {'ce', 'kd', 'fd', 'reg', 'total', 'top1', 'top1_ema', 'lr', 'img_per_s', 'peak_mem_gb'} <= logs[0].keys()
+    best = torch.load(os.path.join(out, 'best.pt'), weights_only=True)
+    top1, _ = evaluate_script.main(['--model', 'vit_mini', '--ckpt', os.path.join(out, 'best.pt')])
+    expected = max(max(r['top1'], r['top1_ema']) for r in logs)
+    assert abs(top1 - expected) < 1e-6 and best['which'] in ('raw', 'ema')
+    assert 'best top-1' in capsys.readouterr().out
+    # a second run reuses the cached teacher: no teacher training this time
+    train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '1', '--method', 'kd',
+                       '--out', str(tmp_path / 'kd'), '--teacher-dir', teachers])
+    assert 'training convnext_mini' not in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    teacher = tmp_path / 'teacher.pt'
+    torch.save(models.create('resnet_mini', 10).net.state_dict(), teacher)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *TINY,
+           '--teacher', 'resnet_mini', '--student', 'mixer_mini', '--teacher-ckpt', str(teacher), '--epochs', '1',
+           '--out', str(tmp_path / 'ddp')]
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'global batch 64' in r.stdout and os.path.isfile(tmp_path / 'ddp' / 'last.pt')
+
+
+# ---------------------------------------------------------------- data.py (fake CIFAR, tiny ImageFolder, digits)
+def _md5(path):
+    return hashlib.md5(open(path, 'rb').read()).hexdigest()
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    """A small CIFAR-100 in torchvision's on-disk format. Python 3 pickles: str keys, as torchvision
+    reads the original Python 2 pickles with encoding='latin1'. The md5 checks are passed by
+    pointing the class's expected checksums at the fake files (monkeypatch restores them)."""
+    folder = tmp_path / 'cifar-100-python'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (('train', 20), ('test', 10)):
+        with open(folder / name, 'wb') as f:
+            pickle.dump({'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         'fine_labels': [i % 100 for i in range(n)],
+                         'coarse_labels': [i % 20 for i in range(n)],
+                         'filenames': [f'{i}.png' for i in range(n)]}, f)
+    with open(folder / 'meta', 'wb') as f:
+        pickle.dump({'fine_label_names': [f'c{i}' for i in range(100)],
+                     'coarse_label_names': [f's{i}' for i in range(20)]}, f)
+    C = torchvision.datasets.CIFAR100
+    monkeypatch.setattr(C, 'train_list', [['train', _md5(folder / 'train')]])
+    monkeypatch.setattr(C, 'test_list', [['test', _md5(folder / 'test')]])
+    monkeypatch.setattr(C, 'meta', dict(C.meta, md5=_md5(folder / 'meta')))
+    return tmp_path
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    def fail(*args, **kwargs):
+        raise urllib.error.URLError('no network in tests')
+    monkeypatch.setattr(torchvision.datasets.cifar, 'download_and_extract_archive', fail)
+
+
+@pytest.mark.parametrize('recipe', ['cnn', 'vit'])
+def test_cifar100(fake_cifar, no_download, recipe):
+    train, val, mixup = data.build_loaders('cifar100', str(fake_cifar), img_size=32, batch_size=8,
+                                           recipe=recipe, workers=0)
+    assert (mixup is None) == (recipe == 'cnn')
+    assert len(train) == 2  # 20 images, batch 8, drop_last
+    batches = list(train)
+    assert len(batches) == 2
+    for x, y in batches + list(val):
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32
+        assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < 100
+    if recipe == 'cnn':  # vit's random erasing fills with noise outside [0, 1]
+        assert 0 <= x.min() and x.max() <= 1
+    assert [len(y) for _, y in val] == [8, 2]
+    x, y = next(iter(val))
+    assert 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_cifar100_epoch_determinism(fake_cifar, no_download, workers):
+    """Order and augmentation (RandomResizedCrop, flip, RandAugment, erasing) follow (seed, epoch),
+    both in-process and in worker processes."""
+    train, _, _ = data.build_loaders('cifar100', str(fake_cifar), 32, 8, recipe='vit', workers=workers)
+    def first(epoch):
+        data.set_epoch(train, epoch, seed=3)
+        return next(iter(train))
+    a, b, c = first(2), first(2), first(5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_cifar100_missing(tmp_path, no_download):
+    with pytest.raises(SystemExit, match='cifar-100-python'):
+        data.build_loaders('cifar100', str(tmp_path / 'nowhere'), 32, 8, workers=0)
+    with pytest.raises(SystemExit, match='--data-dir'):
+        data.build_loaders('cifar100', None, 32, 8, workers=0)
+
+
+def _image_folder(root, n_classes=3, n_images=4):
+    rng = np.random.default_rng(0)
+    for split in ('train', 'val'):
+        for c in range(n_classes):
+            d = root / split / f'n{c:08d}'
+            d.mkdir(parents=True)
+            for i in range(n_images):
+                Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f'{i}.png')
+    return root
+
+
+def test_imagenet_folder(tmp_path):
+    root = _image_folder(tmp_path)
+    assert data.num_classes('imagenet', str(root)) == 3
+    train, val, mixup = data.build_loaders('imagenet', str(root), img_size=32, batch_size=4,
+                                           recipe='vit', workers=0)
+    assert len(train) == 3 and mixup.num_classes == 3
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 32, 32) and y.max() < 3
+    seen = torch.cat([y for _, y in val])
+    assert sorted(seen.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_imagenet_missing(tmp_path):
+    with pytest.raises(SystemExit, match=str(tmp_path / 'train')):
+        data.build_loaders('imagenet', str(tmp_path), 32, 8, workers=0)
+    with pytest.raises(SystemExit, match='train/<class>'):
+        data.num_classes('imagenet', str(tmp_path))
+    (tmp_path / 'train' / 'a').mkdir(parents=True)
+    with pytest.raises(SystemExit, match=str(tmp_path / 'val')):
+        data.build_loaders('imagenet', str(tmp_path), 32, 8, workers=0)
+
+
+def _all_labels(loader):
+    return torch.cat([y for _, y in loader])
+
+
+def test_digits_split_and_determinism():
+    train, val, mixup = data.build_loaders('digits', None, img_size=32, batch_size=64, seed=0)
+    assert mixup is None and train.num_workers == 0
+    n_train, n_val = len(train.dataset), len(val.dataset)
+    assert n_train + n_val == 1797 and n_val == 540
+    counts = torch.bincount(val.dataset.tensors[1], minlength=10)
+    assert counts.min() >= 50 and counts.max() <= 56  # stratified: ~54 per class
+    x, y = next(iter(train))
+    assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0 <= x.min() and x.max() <= 1 and x.max() > 0.5
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
+    # the split does not depend on the run seed
+    train2, val2, _ = data.build_loaders('digits', None, 32, 64, seed=123)
+    assert torch.equal(val.dataset.tensors[0], val2.dataset.tensors[0])
+    assert torch.equal(train.dataset.tensors[0], train2.dataset.tensors[0])
+    # order and augmentation are a function of (seed, epoch) only
+    def first(loader, epoch, seed):
+        data.set_epoch(loader, epoch, seed)
+        return next(iter(loader))
+    a, b, c = first(train, 3, 7), first(train2, 3, 7), first(train, 4, 7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    # same samples in a different order would still differ: check the shift itself is seeded
+    data.set_epoch(train, 3, 7)
+    epoch = list(train)
+    data.set_epoch(train, 3, 7)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(epoch, train))
+
+
+def test_digits_train_fraction():
+    full, _, _ = data.build_loaders('digits', None, 32, 16)
+    sub, _, _ = data.build_loaders('digits', None, 32, 16, train_fraction=0.2, seed=1)
+    sub2, _, _ = data.build_loaders('digits', None, 32, 16, train_fraction=0.2, seed=2)
+    n = len(sub.dataset)
+    assert abs(n - 0.2 * len(full.dataset)) <= 1
+    assert torch.equal(sub.dataset.tensors[0], sub2.dataset.tensors[0])  # fixed subset
+    counts = torch.bincount(sub.dataset.tensors[1], minlength=10)
+    assert counts.min() >= n // 10 - 2 and counts.max() <= n // 10 + 2  # stratified
+    # the subset is drawn from the training part, never from the val set
+    full_rows = {tuple(r.flatten()[::7].tolist()) for r in full.dataset.tensors[0]}
+    assert all(tuple(r.flatten()[::7].tolist()) in full_rows for r in sub.dataset.tensors[0])
+
+
+def test_digits_vit_mixup():
+    train, _, mixup = data.build_loaders('digits', None, 32, 16, recipe='vit')
+    assert mixup is not None
+    x, y = next(iter(train))
+    xm, ym = mixup(x, y)
+    assert xm.shape == x.shape and ym.shape == (16, 10)
+    assert torch.allclose(ym.sum(1), torch.ones(16))
+    assert ym.min() > 0  # label smoothing is folded in
+
+
+def test_digits_distributed_shards():
+    trains, vals = [], []
+    for r in range(2):
+        train, val, _ = data.build_loaders('digits', None, 32, 16, distributed=True, rank=r,
+                                           world_size=2, seed=5)
+        data.set_epoch(train, 1, 5)
+        trains.append(list(train.sampler))
+        vals.append(list(val.sampler))
+        assert len(list(val)) == len(val)
+    n_train, n_val = len(train.dataset), len(val.dataset)
+    assert not set(trains[0]) & set(trains[1])
+    assert len(trains[0]) == len(trains[1]) == n_train // 2
+    assert sorted(vals[0] + vals[1]) == list(range(n_val))
+
+
+def test_randaugment_posterize_zero_bits():
+    """timm's RandAugment reaches posterize(bits=0) at magnitude 10, which Pillow >= 12 rejects."""
+    from timm.data.auto_augment import AugmentOp
+    img = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    out = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)(img)
+    assert np.asarray(out).max() == 0
+    assert np.asarray(AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)).max() > 0
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit, match='Unknown dataset'):
+        data.build_loaders('mnist', None, 32, 8)
+    with pytest.raises(SystemExit, match='batch-size'):
+        data.build_loaders('digits', None, 32, 5000)
+    with pytest.raises(SystemExit, match='even'):
+        data.build_loaders('digits', None, 32, 15, recipe='vit')
+
+
+# ---------------------------------------------------------------- baseline losses vs hand-written references
+def _rand(*shape, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _targets(B, C, seed=0):
+    return torch.randint(0, C, (B,), generator=torch.Generator().manual_seed(seed + 100))
+
+
+def _softmax_np(z):
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+# ---------------- OFA ----------------
+
+@pytest.mark.parametrize('B,C,seed', [(1, 5, 0), (4, 10, 1), (16, 100, 2)])
+@pytest.mark.parametrize('T', [1.0, 2.0])
+def test_ofa_eps1_is_soft_target_ce(B, C, seed, T):
+    s, t, y = _rand(B, C, seed=seed), _rand(B, C, seed=seed + 50), _targets(B, C, seed)
+    ref = F.cross_entropy(s / T, F.softmax(t / T, -1))  # soft-target CE (probabilities as targets)
+    assert torch.allclose(ofa(s, t, y, eps=1.0, T=T), ref, atol=1e-5)
+
+
+def test_ofa_eps15_matches_loop():
+    B, C = 3, 6
+    s, t, y = _rand(B, C, seed=3), _rand(B, C, seed=4), _targets(B, C, 3)
+    total = 0.0
+    for b in range(B):
+        ps, pt = _softmax_np(s[b].tolist()), _softmax_np(t[b].tolist())
+        for c in range(C):
+            onehot = 1.0 if c == int(y[b]) else 0.0
+            total += -((pt[c] + onehot) ** 1.5 - onehot) * math.log(ps[c])
+    assert abs(ofa(s, t, y, eps=1.5).item() - total / B) < 1e-4
+
+
+def test_ofa_soft_targets_use_argmax():
+    B, C = 8, 10
+    s, t, y = _rand(B, C, seed=5), _rand(B, C, seed=6), _targets(B, C, 5)
+    # mixup-like soft labels: 0.7 on y, 0.3 on another class, then label smoothing 0.1
+    other = (y + 3) % C
+    soft = 0.7 * F.one_hot(y, C).float() + 0.3 * F.one_hot(other, C).float()
+    soft = soft * 0.9 + 0.1 / C
+    for eps in (1.0, 1.5):
+        assert torch.allclose(ofa(s, t, soft, eps=eps), ofa(s, t, y, eps=eps), atol=1e-6)
+    assert not torch.allclose(ofa(s, t, soft, eps=1.5), ofa(s, t, other, eps=1.5))
+
+
+# ---------------- DKD ----------------
+
+def _dkd_loop(s, t, y, T):
+    """Per-sample (KL(p_T||p_S), TCKD, NCKD, b_T) at temperature T, no T^2, by explicit loops in float64."""
+    out = []
+    for b in range(s.shape[0]):
+        zs, zt, g = [v / T for v in s[b].tolist()], [v / T for v in t[b].tolist()], int(y[b])
+        ps, pt = _softmax_np(zs), _softmax_np(zt)
+        kl = sum(pt[c] * math.log(pt[c] / ps[c]) for c in range(len(zs)))
+        bs, bt = [ps[g], 1 - ps[g]], [pt[g], 1 - pt[g]]
+        tckd = sum(bt[k] * math.log(bt[k] / bs[k]) for k in range(2))
+        idx = [c for c in range(len(zs)) if c != g]
+        qs, qt = _softmax_np([zs[c] for c in idx]), _softmax_np([zt[c] for c in idx])
+        nckd = sum(qt[k] * math.log(qt[k] / qs[k]) for k in range(len(idx)))
+        out.append((kl, tckd, nckd, pt[g]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize('T', [1.0, 4.0])
+def test_dkd_parts_match_loop_and_identity(T):
+    B, C = 6, 10
+    s, t, y = _rand(B, C, seed=7), _rand(B, C, seed=8), _targets(B, C, 7)
+    ref = _dkd_loop(s, t, y, T)
+    tckd, nckd, bt = dkd_parts(s, t, y, T)
+    assert np.allclose(tckd.numpy(), ref[:, 1], atol=1e-5)
+    assert np.allclose(nckd.numpy(), ref[:, 2], atol=1e-5)
+    assert np.allclose(bt.numpy(), ref[:, 3], atol=1e-6)
+    # DKD Eq. 4, per sample, both sides WITHOUT T^2: KL(p_T || p_S) = TCKD + (1 - b_T) NCKD
+    assert np.allclose(ref[:, 0], ref[:, 1] + (1 - ref[:, 3]) * ref[:, 2], atol=1e-9)
+    assert np.allclose((tckd + (1 - bt) * nckd).numpy(), ref[:, 0], atol=1e-5)
+    # batch form, both sides WITH T^2: kd(T) = T^2 mean(TCKD + (1 - b_T) NCKD), and dkd(1, 1) exceeds it by T^2 mean(b_T NCKD)
+    assert torch.allclose(kd(s, t, T), (tckd + (1 - bt) * nckd).mean() * T * T, atol=1e-4)
+    assert torch.allclose(dkd(s, t, y, alpha=1.0, beta=1.0, T=T) - kd(s, t, T), (bt * nckd).mean() * T * T, atol=1e-4)
+    # the loss itself with the paper's alpha 1, beta 8
+    assert abs(dkd(s, t, y, T=T).item() - T * T * (ref[:, 1] + 8 * ref[:, 2]).mean()) < 1e-3
+
+
+def test_dkd_extreme_logits_finite():
+    s, t = _rand(4, 10, seed=9, scale=200.0), _rand(4, 10, seed=10, scale=200.0)
+    y = _targets(4, 10, 9)
+    s = s.clone().requires_grad_()
+    loss = dkd(s, t, y, T=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    assert dkd(t, t, y).abs().item() < 1e-5
+
+
+# ---------------- DIST ----------------
+
+def test_dist_zero_for_identical_positive_otherwise():
+    s, t = _rand(8, 10, seed=11), _rand(8, 10, seed=12)
+    assert dist(s, s).abs().item() < 1e-6
+    assert dist(s, s, tau=4.0).abs().item() < 1e-6
+    assert dist(s, t).item() > 0.1
+
+
+@pytest.mark.parametrize('beta,gamma,tau', [(1.0, 1.0, 1.0), (2.0, 0.5, 4.0)])
+def test_dist_matches_numpy_corrcoef(beta, gamma, tau):
+    B, C = 8, 10
+    s, t = _rand(B, C, seed=13), _rand(B, C, seed=14)
+    ps = np.stack([_softmax_np(r) for r in (s / tau).tolist()])
+    pt = np.stack([_softmax_np(r) for r in (t / tau).tolist()])
+    inter = 1 - np.mean([np.corrcoef(ps[i], pt[i])[0, 1] for i in range(B)])
+    intra = 1 - np.mean([np.corrcoef(ps[:, c], pt[:, c])[0, 1] for c in range(C)])
+    ref = (beta * inter + gamma * intra) * tau ** 2
+    assert abs(dist(s, t, beta, gamma, tau).item() - ref) < 1e-4
+
+
+# ---------------- RKD / CC ----------------
+
+def _rkd_loop(s, t, w_dist, w_angle):
+    s, t = s.double().numpy(), t.double().numpy()
+    B = len(s)
+
+    def huber(a, b):
+        d = abs(a - b)
+        return 0.5 * d * d if d < 1 else d - 0.5
+
+    def dists(e):
+        d = np.array([[np.sqrt(((e[i] - e[j]) ** 2).sum()) for j in range(B)] for i in range(B)])
+        return d / (d.sum() / (B * (B - 1)))
+
+    def angles(e):
+        a = np.zeros((B, B, B))
+        for i in range(B):
+            for j in range(B):
+                for k in range(B):
+                    u, v = e[j] - e[i], e[k] - e[i]
+                    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+                    a[i, j, k] = 0.0 if nu == 0 or nv == 0 else u @ v / (nu * nv)
+        return a
+
+    ds, dt, as_, at = dists(s), dists(t), angles(s), angles(t)
+    ld = np.mean([huber(x, y) for x, y in zip(ds.ravel(), dt.ravel())])
+    la = np.mean([huber(x, y) for x, y in zip(as_.ravel(), at.ravel())])
+    return w_dist * ld + w_angle * la
+
+
+def test_rkd_matches_loop_zero_and_scale_invariant():
+    s, t = _rand(5, 7, seed=15, scale=1.0), _rand(5, 12, seed=16, scale=1.0)  # different dims on purpose
+    assert abs(rkd(s, t).item() - _rkd_loop(s, t, 25.0, 50.0)) < 1e-4
+    assert abs(rkd(s, t, 1.0, 2.0).item() - _rkd_loop(s, t, 1.0, 2.0)) < 1e-5
+    assert rkd(s, s).abs().item() < 1e-6
+    assert rkd(s, 7.5 * s).abs().item() < 1e-5
+    assert torch.allclose(rkd(s, 3.0 * t), rkd(s, t), atol=1e-5)
+    assert rkd(s, t).item() > 0
+
+
+def test_cc_matches_loop_and_zero():
+    s, t = _rand(5, 7, seed=17, scale=1.0), _rand(5, 12, seed=18, scale=1.0)
+    sn, tn = s.double().numpy(), t.double().numpy()
+    B, tot = len(sn), 0.0
+    for i in range(B):
+        for j in range(B):
+            cs = sn[i] @ sn[j] / (np.linalg.norm(sn[i]) * np.linalg.norm(sn[j]))
+            ct = tn[i] @ tn[j] / (np.linalg.norm(tn[i]) * np.linalg.norm(tn[j]))
+            tot += (cs - ct) ** 2
+    assert abs(cc(s, t).item() - tot / B ** 2) < 1e-6
+    assert cc(s, s).abs().item() < 1e-6
+    assert cc(s, t).item() > 0
+
+
+# ---------------- common ----------------
+
+def _calls(dtype):
+    B, C, D = 6, 10, 8
+    s, t, y = _rand(B, C, seed=19).to(dtype), _rand(B, C, seed=20).to(dtype), _targets(B, C, 19)
+    es, et = _rand(B, D, seed=21, scale=1.0).to(dtype), _rand(B, 2 * D, seed=22, scale=1.0).to(dtype)
+    return [
+        (lambda x: dkd(x, t, y), s),
+        (lambda x: dist(x, t), s),
+        (lambda x: ofa(x, t, y, eps=1.5), s),
+        (lambda x: ofa(x, t, F.one_hot(y, C).float() * 0.9 + 0.01), s),
+        (lambda x: rkd(x, et), es),
+        (lambda x: cc(x, et), es),
+    ]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_scalar_float32_and_grad_flows(dtype):
+    for fn, x in _calls(dtype):
+        x = x.clone().requires_grad_()
+        loss = fn(x)
+        assert loss.dim() == 0 and loss.dtype == torch.float32
+        loss.backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -1,0 +1,373 @@
+"""Train a student with FOFA (or a baseline) from a frozen teacher. One process, one GPU, or many through torchrun.
+
+    python train.py --dataset digits --teacher convnext_mini --student vit_mini --epochs 30   # CPU, offline
+    torchrun --nproc_per_node 8 train.py --teacher convnext_t --student deit_t --dataset cifar100 --data-dir data
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 train.py ...          # and node_rank 1
+
+Without --teacher-ckpt the teacher is first trained with --method ce on the same data and cached in --teacher-dir.
+Each epoch appends a JSON line to <out>/log.jsonl and writes <out>/last.pt (everything needed to resume) and
+<out>/best.pt; under the key 'student' both hold a plain timm state_dict. Resume is at epoch granularity: the data
+order and augmentation of an epoch depend only on (seed, epoch), so a resumed run repeats the interrupted epoch
+exactly and ends with the same weights as an uninterrupted one.
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import time
+from contextlib import nullcontext
+
+import timm
+import timm.optim
+import torch
+import torch.distributed as dist
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import models
+from fofa import FOFA, OFA, Distiller
+import losses
+
+# the official configs (notes section 6): CNN students get SGD, ViT/MLP students AdamW with mixup and RandAugment
+# warm-up is given as a share of the run: 3 and 20 epochs of the official 300
+RECIPES = {
+    'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=None, smoothing=0.1),
+    'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5, clip=5.0, smoothing=0.1),
+}
+METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
+CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a('--teacher', help='teacher model (models.MODELS or a timm name); needed by every method but ce')
+    a('--student', required=True, help='student model')
+    a('--dataset', default='digits', help='cifar100, imagenet or digits (offline)')
+    a('--data-dir', default='data', help='dataset root')
+    a('--method', default='fofa', help=', '.join(METHODS))
+    a('--nq', type=int, default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
+    a('--dim', type=int, default=512, help='FOFA: RAA token width d')
+    a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
+    a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
+    a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
+    a('--alpha', type=float, default=1.0, help='weight of KD (Eq. 8)')
+    a('--beta', type=float, default=1.0, help='weight of the feature loss (Eq. 8)')
+    a('--gamma', type=float, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
+    a('--kd-t', type=float, default=1.0, help='KD temperature')
+    a('--dkd', type=float, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
+    a('--dist', type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
+    a('--ofa-eps', type=float, default=1.0, help='OFA modulating exponent epsilon')
+    a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
+    a('--epochs', type=int, default=30)
+    a('--batch-size', type=int, default=64, help='per process; the global batch is this times the world size')
+    a('--lr', type=float, help='peak learning rate (default: the recipe\'s)')
+    a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
+    a('--wd', type=float, help='weight decay (default: the recipe\'s)')
+    a('--warmup-epochs', type=float, help='linear warm-up (default: the recipe\'s share of --epochs)')
+    a('--recipe', choices=list(RECIPES), help="augmentation and optimizer preset (default: by the student's family)")
+    a('--ema', type=float, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
+    a('--img-size', type=int, help='input size (default: the student\'s, 224 or 32 for *_mini)')
+    a('--train-fraction', type=float, default=1.0, help='digits: use a fixed stratified part of the train split')
+    a('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
+    a('--compile', action='store_true', help='torch.compile the student and the teacher')
+    a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
+    a('--workers', type=int, default=4)
+    a('--seed', type=int, default=0)
+    a('--out', default='runs/last', help='run directory')
+    a('--resume', action='store_true', help='continue the run in --out from its last.pt')
+    a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
+    a('--teacher-ckpt', help='fine-tuned teacher weights (a timm state_dict or a common wrapper of one)')
+    a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
+    a('--teacher-epochs', type=int, help='epochs when the teacher is trained here (default: --epochs)')
+    a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
+    a('--log-every', type=int, default=50, help='steps between progress lines')
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every mistake a user can make in the flags, caught before anything is built or written."""
+    if args.dataset not in data.DATASETS:
+        raise SystemExit(f"unknown --dataset '{args.dataset}': choose one of {', '.join(data.DATASETS)}.")
+    if args.method not in METHODS:
+        raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
+    if args.method != 'ce' and not args.teacher:
+        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train without one).')
+    for name in filter(None, (args.student, args.teacher if args.method != 'ce' else None)):
+        if name not in models.MODELS and not timm.is_model(name):
+            raise SystemExit(f"unknown model '{name}': use one of {', '.join(models.MODELS)} or a timm model name.")
+    if args.batch_size < 1 or args.epochs < 1:
+        raise SystemExit('--batch-size and --epochs must be at least 1.')
+    stages = args.afp_stages.strip().lower()
+    try:
+        args.afp = () if stages in ('none', '') else tuple(sorted({int(s) for s in stages.split(',')}))
+    except ValueError:
+        args.afp = None
+    if args.afp is None or not set(args.afp) <= {1, 2, 3, 4}:
+        raise SystemExit(f"--afp-stages '{args.afp_stages}' is not a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'.")
+    args.ofa = tuple(int(s) for s in args.ofa_stages.split(',') if s.strip().isdigit())
+    if not args.ofa or not set(args.ofa) <= {1, 2, 3, 4}:
+        raise SystemExit(f"--ofa-stages '{args.ofa_stages}' is not a comma list of stages 1-4.")
+    k = math.isqrt(max(args.nq, 0) // 4)
+    if args.nq < 4 or 4 * k * k != args.nq:
+        raise SystemExit(f'--nq {args.nq} is not 4*k*k: each of the 4 stages must be a k x k grid (36, 64, 100, 144).')
+    if args.teacher_ckpt and not os.path.isfile(args.teacher_ckpt):
+        raise SystemExit(f'--teacher-ckpt {args.teacher_ckpt} does not exist.')
+    last = os.path.join(args.out, 'last.pt')
+    if args.resume and not os.path.isfile(last):
+        raise SystemExit(f'--resume: there is no checkpoint {last} to resume from.')
+    if os.path.isfile(last) and not (args.resume or args.overwrite):
+        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+
+
+def family_recipe(name):
+    try:
+        return 'cnn' if models.create(name, 1).family in CNN_FAMILIES else 'vit'
+    except ValueError as e:
+        raise SystemExit(str(e))
+
+
+def load_weights(path, net, what):
+    """A state_dict (or our checkpoint, or a {'state_dict'|'model': ...} wrapper) into a timm model, checked."""
+    try:
+        ck = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with weights_only=True).')
+    except Exception as e:
+        raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is it truncated?')
+    for key in ('student', 'state_dict', 'model', 'model_ema'):
+        if isinstance(ck, dict) and isinstance(ck.get(key), dict):
+            ck = ck[key]
+            break
+    if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):
+        raise SystemExit(f'{path} is not a state_dict of tensors.')
+    ck = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in ck.items()}
+    own = net.state_dict()
+    missing, extra = own.keys() - ck.keys(), ck.keys() - own.keys()
+    if missing or extra:
+        raise SystemExit(f'{path} is not a {what} checkpoint: {len(missing)} weights missing, {len(extra)} unexpected '
+                         f'(e.g. {sorted(missing or extra)[0]}).')
+    for k, v in ck.items():
+        if v.shape != own[k].shape:
+            head = own[k].shape[0] if k.startswith(('head', 'fc', 'classifier')) else None
+            hint = f' (it has {v.shape[0]} classes, this dataset {head})' if head else ''
+            raise SystemExit(f'{path} does not fit {what}: {k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}{hint}.')
+    net.load_state_dict(ck)
+
+
+def build(args, num_classes):
+    """The trainable module for the method: CE alone, KD, or FOFA (FitNet = FOFA without RAA and AFP)."""
+    norm = data.NORM[args.dataset] or (None, None)
+    student = models.create(args.student, num_classes, pretrained=args.pretrained and args.method == 'ce',
+                            mean=norm[0], std=norm[1])
+    if args.method == 'ce':
+        return Distiller(student, label_smoothing=args.smoothing)
+    teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
+    load_weights(args.teacher_ckpt, teacher.net, f'{args.teacher} ({num_classes} classes)')
+    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
+    hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
+    emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
+    loss = {'kd': lambda s, t, *_: {'kd': losses.kd(s, t, args.kd_t)},
+            'dkd': lambda s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *args.dkd)},
+            'dist': lambda s, t, *_: {'dist': losses.dist(s, t, *args.dist)},
+            'rkd': lambda s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))},
+            'cc': lambda s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}}
+    if args.method in loss:
+        return Distiller(student, teacher, loss[args.method], **common)
+    if args.method == 'ofa':
+        return OFA(student, teacher, args.img_size, num_classes, args.ofa, args.ofa_eps, **common)
+    fitnet = args.method == 'fitnet'
+    return FOFA(student, teacher, args.img_size, nq=args.nq, dim=args.dim, afp_stages=() if fitnet else args.afp,
+                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), beta=args.beta,
+                gamma=args.gamma, **common)
+
+
+def save(obj, path):
+    """Atomic: a crash while saving never replaces a good file with a truncated one."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(net, loader, device, ctx):
+    net.eval()
+    correct = torch.zeros(3, device=device)  # top-1, top-5, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with ctx:
+            logits = net(x)[0].float()
+        top5 = logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]
+        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), torch.tensor(len(y), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return (100 * correct[:2] / correct[2]).tolist()
+
+
+def train(args, ddp_rank=0, world=1, device='cpu'):
+    master = ddp_rank == 0
+    recipe = RECIPES[args.recipe]
+    for k in ('opt', 'lr', 'wd'):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
+    if args.warmup_epochs is None:
+        args.warmup_epochs = recipe['warmup'] * args.epochs
+    args.smoothing = 0.0 if args.recipe == 'vit' else recipe['smoothing']  # vit: smoothing is folded into mixup
+    torch.manual_seed(args.seed)
+    num_classes = data.num_classes(args.dataset, args.data_dir)
+    train_loader, val_loader, mixup = data.build_loaders(
+        args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers, world > 1, ddp_rank,
+        world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
+    try:
+        model = build(args, num_classes).to(device)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    student, teacher = model.student, model.teacher
+    opt = timm.optim.create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    steps = len(train_loader)
+    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'], t_in_epochs=False,
+                              warmup_t=int(args.warmup_epochs * steps), warmup_lr_init=recipe['warmup_lr'])
+    ema = ModelEmaV3(student, decay=args.ema) if args.ema else None
+    start, best, log_path = 0, {'top1': -1.0}, os.path.join(args.out, 'log.jsonl')
+    if args.resume:
+        ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
+        model.load_state_dict(ck['model'])
+        opt.load_state_dict(ck['optimizer'])
+        sched.load_state_dict(ck['scheduler'])
+        if ema:
+            ema.load_state_dict(ck['ema'])
+        start, best = ck['epoch'], ck['best']
+    elif master:
+        os.makedirs(args.out, exist_ok=True)
+        for f in ('log.jsonl', 'last.pt', 'best.pt'):  # --overwrite: a fresh run must not inherit the old log
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+        with open(os.path.join(args.out, 'args.json'), 'w') as f:
+            json.dump(vars(args), f, indent=1)
+    if args.compile:  # student and teacher separately; RAA/AFP stay eager
+        student.compile()
+        if teacher is not None:
+            teacher.compile()
+    net = DDP(model, device_ids=[device] if device != 'cpu' else None, broadcast_buffers=False) if world > 1 else model
+    ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    if master:
+        print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at {args.img_size}px, '
+              f'{world} process(es) x batch {args.batch_size} = global batch {world * args.batch_size}, '
+              f'{steps} steps/epoch, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters')
+    teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
+    if master and teacher is not None:
+        print(f'teacher {args.teacher} top-1 {teacher_top1:.2f}')
+    for epoch in range(start, args.epochs):
+        data.set_epoch(train_loader, epoch, args.seed)
+        model.train()
+        sums, t0, skipped = {}, time.time(), 0
+        if device != 'cpu':
+            torch.cuda.reset_peak_memory_stats()
+        for i, (x, y) in enumerate(train_loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup:
+                x, y = mixup(x, y)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sched.step_update(epoch * steps + i)
+            with ctx:
+                _, terms = net(x, y)
+            terms["total"].backward()
+            if recipe['clip']:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['clip'])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema:
+                ema.update(student, step=epoch * steps + i)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            if master and (i + 1) % args.log_every == 0:
+                print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
+                      f'{(i + 1) * args.batch_size * world / (time.time() - t0):.1f} img/s', flush=True)
+        train_time = time.time() - t0
+        top1, top5 = evaluate(student, val_loader, device, ctx)
+        ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
+        if not master:
+            continue
+        rec = {'epoch': epoch + 1, **{k: round(v.item() / steps, 5) for k, v in sums.items()},
+               'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'lr': opt.param_groups[0]['lr'],
+               'img_per_s': round(steps * args.batch_size * world / train_time, 1),
+               'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
+                                     __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+        print(json.dumps(rec), flush=True)
+        use_ema = ema is not None and ema_top1 > top1
+        weights = (ema.module if use_ema else student).net.state_dict()
+        if max(top1, ema_top1 or -1) > best['top1']:
+            best = {'top1': max(top1, ema_top1 or -1), 'epoch': epoch + 1, 'which': 'ema' if use_ema else 'raw'}
+            save({'student': weights, 'which': best['which'], 'epoch': epoch + 1, 'args': vars(args)},
+                 os.path.join(args.out, 'best.pt'))
+        save({'student': student.net.state_dict(), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
+              'scheduler': sched.state_dict(), 'ema': ema.state_dict() if ema else None, 'epoch': epoch + 1,
+              'best': best, 'top1': top1, 'args': vars(args)}, os.path.join(args.out, 'last.pt'))
+    if master:
+        ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
+        print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, {best['which']} student; "
+              f"the best over epochs of max(raw, EMA), the official code's metric) | last top-1 {ck['top1']:.2f} "
+              f"(raw student)" + (f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''))
+    return best
+
+
+def teacher_checkpoint(args, ddp_rank, world, device):
+    """The cached teacher for (architecture, dataset, input size, classes), trained here with --method ce if absent."""
+    nc = data.num_classes(args.dataset, args.data_dir)
+    frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
+    key = f"{args.teacher}_{args.dataset}_{args.img_size}px_{nc}cls{frac}{'_pre' if args.pretrained else ''}"
+    path = os.path.join(args.teacher_dir, key + '.pt')
+    if not os.path.isfile(path):
+        targs = get_args(['--student', args.teacher, '--method', 'ce', '--dataset', args.dataset, '--data-dir',
+                          args.data_dir, '--img-size', str(args.img_size), '--out', os.path.join(args.teacher_dir, key),
+                          '--epochs', str(args.teacher_epochs or args.epochs), '--batch-size', str(args.batch_size),
+                          '--seed', str(args.seed), '--workers', str(args.workers), '--train-fraction',
+                          str(args.train_fraction), '--overwrite', '--log-every', str(args.log_every)]
+                         + ['--pretrained'] * args.pretrained + ['--amp'] * bool(args.amp))
+        check_args(targs)
+        targs.recipe = family_recipe(args.teacher)
+        if ddp_rank == 0:
+            print(f'no teacher in {path}: training {args.teacher} with --method ce first')
+        train(targs, ddp_rank, world, device)
+        if ddp_rank == 0:
+            save(torch.load(os.path.join(targs.out, 'best.pt'), map_location='cpu', weights_only=True), path)
+        if world > 1:
+            dist.barrier()
+    return path
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    args.recipe = args.recipe or family_recipe(args.student)
+    args.img_size = args.img_size or models.INPUT_SIZE.get(args.student, 224)
+    world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
+    rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
+    device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
+    if device != 'cpu':
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.amp is None:
+        args.amp = device != 'cpu'
+    if world > 1:
+        dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
+    if args.method != 'ce' and not args.teacher_ckpt:
+        args.teacher_ckpt = teacher_checkpoint(args, rank, world, device)
+    train(args, rank, world, device)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
