@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
@@ -110,21 +110,26 @@ def _digits_datasets(img_size, train_fraction):
         train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
                                         stratify=d.target[train_idx], random_state=0)
     train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-    return TensorDataset(x[train_idx], y[train_idx]), TensorDataset(x[val_idx], y[val_idx])
+    return Digits(x[train_idx], y[train_idx], pad=max(1, img_size // 8)), Digits(x[val_idx], y[val_idx])
 
 
-class _Translate:
-    """Collate for digits: random shift of up to +-pad pixels (zero pad + crop), drawn from the
-    loader's generator. No flips: they change digits."""
-    def __init__(self, pad, generator):
-        self.pad, self.generator = pad, generator
+class Digits(torch.utils.data.Dataset):
+    """Digits in memory. Training images get a random shift of up to +-pad pixels (zero pad + crop; no flips: they
+    change digits), drawn from (seed, epoch, index): the same image gets the same shift however the data is split
+    across processes, so N processes see exactly the batches one process would."""
+    def __init__(self, x, y, pad=0):
+        self.x, self.y, self.pad, self.seed = x, y, pad, 0
 
-    def __call__(self, batch):
-        x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-        p, s = self.pad, x.shape[-1]
-        xp = F.pad(x, (p, p, p, p))
-        ij = torch.randint(0, 2 * p + 1, (len(x), 2), generator=self.generator).tolist()
-        return torch.stack([im[:, i:i + s, j:j + s] for im, (i, j) in zip(xp, ij)]), y
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        x, p = self.x[i], self.pad
+        if p:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            r, c = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
+            x = F.pad(x, (p, p, p, p))[:, r:r + self.x.shape[-2], c:c + self.x.shape[-1]]
+        return x, self.y[i]
 
 
 def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
@@ -137,23 +142,20 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
         raise SystemExit(f"Unknown recipe {recipe!r}: choose 'cnn' or 'vit'.")
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
-    generator = torch.Generator().manual_seed(seed)  # reseeded each epoch by set_epoch
-    collate = None
+    generator = torch.Generator().manual_seed(seed)  # worker base seeds; reseeded each epoch by set_epoch
     if dataset == 'digits':
         train_set, val_set = _digits_datasets(img_size, train_fraction)
-        collate, workers = _Translate(max(1, img_size // 8), generator), 0
+        workers = 0  # already tensors in memory
     else:
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
-    if distributed:
-        train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
-                                           shuffle=True, seed=seed, drop_last=True)
-        val_sampler = range(rank, len(val_set), world_size)  # disjoint shards, no padding
-    else:
-        train_sampler, val_sampler = RandomSampler(train_set, generator=generator), None
+    # one process is a world of size 1: the epoch's permutation is the same for any number of processes, and rank r
+    # takes every world_size-th sample, so a step of N processes sees the samples one process would in one batch
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                       drop_last=True)
+    val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards, no padding
     # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
     train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, num_workers=workers,
-                              collate_fn=collate, pin_memory=pin_memory, drop_last=True,
-                              generator=generator, persistent_workers=False)
+                              pin_memory=pin_memory, drop_last=True, generator=generator, persistent_workers=False)
     val_loader = DataLoader(val_set, batch_size, sampler=val_sampler, shuffle=False,
                             num_workers=workers, pin_memory=pin_memory, drop_last=False)
     if len(train_loader) == 0:
@@ -170,12 +172,13 @@ def set_epoch(loader, epoch, seed):
     """Make the epoch's sample order and augmentation a function of (seed, epoch) only.
     Also reseeds the global RNGs: in-process randomness (PIL transforms when workers=0, Mixup's
     numpy draws, dropout) comes from them, so resuming at an epoch boundary is bit-exact."""
-    rank = 0
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)  # same order on all ranks, disjoint shards
-        rank = loader.sampler.rank  # ranks must not share augmentation streams
+    loader.sampler.seed = seed
+    loader.sampler.set_epoch(epoch)  # same permutation on all ranks, disjoint shards
+    rank = loader.sampler.rank  # ranks must not share augmentation streams
+    if isinstance(loader.dataset, Digits):
+        loader.dataset.seed = seed * 10_007 + epoch  # per-image shifts, whatever the rank
     s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
-    loader.generator.manual_seed(s)  # RandomSampler order, worker base seeds, digits shifts
+    loader.generator.manual_seed(s)  # worker base seeds
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)

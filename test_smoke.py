@@ -188,6 +188,26 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     assert 'training convnext_mini' not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('method', train.METHODS)
+def test_every_method_trains_a_step_on_a_heterogeneous_pair(method, tmp_path):
+    teacher = tmp_path / 'teacher.pt'
+    torch.save(models.create('swin_mini', 10).net.state_dict(), teacher)
+    args = train.get_args(['--teacher', 'swin_mini', '--student', 'mixer_mini', '--method', method, '--dim', '64',
+                           '--teacher-ckpt', str(teacher), '--out', str(tmp_path / 'run')])
+    train.check_args(args)
+    args.img_size, args.smoothing = 32, 0.1
+    torch.manual_seed(0)
+    model = train.build(args, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    _, terms = model(x, y)
+    assert (len(terms) == 2) == (method == 'ce') and all(torch.isfinite(v) for v in terms.values())
+    terms['total'].backward()
+    before = [p.detach().clone() for p in model.student.parameters()]
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.student.parameters()))
+
+
 def test_torchrun_two_processes_on_cpu(tmp_path):
     teacher = tmp_path / 'teacher.pt'
     torch.save(models.create('resnet_mini', 10).net.state_dict(), teacher)
@@ -198,6 +218,169 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'global batch 64' in r.stdout and os.path.isfile(tmp_path / 'ddp' / 'last.pt')
 
+
+
+# ---------------------------------------------------------------- reliability: resume, safe files, errors, DDP
+def random_teacher(path, name='convnext_mini', classes=10):
+    torch.manual_seed(1)
+    torch.save(models.create(name, classes).net.state_dict(), path)
+    return str(path)
+
+
+def run_train(args, **kw):
+    return subprocess.run([sys.executable, 'train.py', *args], cwd=HERE, capture_output=True, text=True, **kw)
+
+
+def test_resume_after_sigkill_mid_epoch_is_bit_exact(tmp_path):
+    import signal
+    import time
+    common = TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--recipe', 'vit', '--ema', '0.9',
+                     '--batch-size', '16', '--epochs', '3', '--teacher-ckpt', random_teacher(tmp_path / 't.pt')]
+    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
+    assert run_train(common + ['--out', str(whole)], timeout=300).returncode == 0
+    p = subprocess.Popen([sys.executable, 'train.py', *common, '--out', str(cut)], cwd=HERE,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = cut / 'log.jsonl'
+    while not (log.exists() and log.read_text().count('\n') >= 1) and p.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into epoch 2
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, 'the run ended before it could be killed'
+    done = torch.load(cut / 'last.pt', weights_only=True)['epoch']
+    assert done < 3
+    (cut / 'last.pt.tmp').write_bytes(b'half a checkpoint')  # as if killed while saving: must be ignored
+    r = run_train(common + ['--out', str(cut), '--resume'], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (torch.load(d / 'last.pt', weights_only=True) for d in (whole, cut))
+    for key in ('model', 'ema'):  # student, RAA, AFP and its feedback buffers, EMA
+        assert a[key].keys() == b[key].keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / 'last.pt'
+    train.save({'epoch': 1}, str(path))
+
+    def crash(obj, f):
+        f.write(b'truncated')
+        raise OSError('disk full')
+    monkeypatch.setattr(torch, 'save', crash)
+    with pytest.raises(OSError):
+        train.save({'epoch': 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'epoch': 1}
+
+
+class CodePayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def user_error_cases(tmp_path):
+    t = random_teacher(tmp_path / 'teacher.pt')
+    other_arch = random_teacher(tmp_path / 'vit.pt', 'vit_mini')
+    other_classes = random_teacher(tmp_path / 'c100.pt', 'convnext_mini', 100)
+    truncated = tmp_path / 'trunc.pt'
+    truncated.write_bytes((tmp_path / 'teacher.pt').read_bytes()[:5000])
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint')
+    payload = tmp_path / 'payload.pt'
+    torch.save({'state_dict': CodePayload(tmp_path / 'payload_ran')}, payload)
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    ok = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', t, '--epochs', '1']
+    return [  # (argv, words the one-sentence message must contain)
+        (['--teacher', 'convnext_typo', '--student', 'vit_mini'], 'unknown model'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_typo'], 'unknown model'),
+        (ok + ['--nq', '50'], '4*k*k'),
+        (ok + ['--afp-stages', '1,5'], 'afp-stages'),
+        (ok + ['--afp-stages', 'first'], 'afp-stages'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', 'missing.pt'], 'does not exist'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(truncated)], 'truncated'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(text)], 'not a readable'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', other_arch], 'not a convnext_mini'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', other_classes], '100 classes'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(payload)], 'pickled code'),
+        (ok + ['--dataset', 'imagenet', '--data-dir', str(tmp_path / 'nowhere')], 'not found'),
+        (ok + ['--dataset', 'imagenet', '--data-dir', str(empty)], 'train/<class>'),
+        (ok + ['--batch-size', '0'], 'at least 1'),
+        (ok + ['--epochs', '0'], 'at least 1'),
+        (ok + ['--resume'], 'no checkpoint'),
+        (ok, 'already holds a run'),
+        (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
+        (ok + ['--dataset', 'mnist'], 'unknown --dataset'),
+        (ok + ['--method', 'magic'], 'unknown --method'),
+    ]
+
+
+def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
+    import time
+    finished = tmp_path / 'finished'
+    finished.mkdir()
+    train.save({'epoch': 1}, str(finished / 'last.pt'))
+    (finished / 'log.jsonl').write_text('{"epoch": 1}\n')
+    snapshot = {f: (finished / f).read_bytes() for f in os.listdir(finished)}
+    for argv, words in user_error_cases(tmp_path):
+        if words == 'no checkpoint':
+            out = ['--out', str(tmp_path / 'fresh')]
+        elif words == 'already holds a run':
+            out = ['--out', str(finished)]
+        else:  # even with --overwrite, a failing run must not touch the existing one
+            out = ['--out', str(finished), '--overwrite']
+        t0 = time.time()
+        with pytest.raises(SystemExit) as e:
+            train.main(argv + out)
+        msg = str(e.value.code)
+        assert words in msg and '\n' not in msg and msg.endswith('.'), (argv, msg)
+        assert time.time() - t0 < 20, argv
+        assert {f: (finished / f).read_bytes() for f in os.listdir(finished)} == snapshot, argv
+    assert not (tmp_path / 'fresh').exists() and not (tmp_path / 'payload_ran').exists()
+
+
+def test_user_error_exits_nonzero_without_traceback(tmp_path):
+    r = run_train(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--nq', '63', '--out', str(tmp_path)])
+    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0, r.stderr
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
+    real_kd, calls = train.losses.kd, [0]
+
+    def sometimes_nan(s, t, T):
+        calls[0] += 1
+        return real_kd(s, t, T) * (float('nan') if calls[0] % 3 == 0 else 1.0)
+    monkeypatch.setattr(train.losses, 'kd', sometimes_nan)
+    args = TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--method', 'kd', '--epochs', '1',
+                   '--teacher-ckpt', random_teacher(tmp_path / 't.pt')]
+    train.main(args + ['--out', str(tmp_path / 'a')])
+    log = json.loads(open(tmp_path / 'a' / 'log.jsonl').read())
+    assert log['skipped_steps'] == calls[0] // 3 > 0 and math.isfinite(log['kd'])
+    monkeypatch.setattr(train.losses, 'kd', lambda s, t, T: real_kd(s, t, T) * float('inf'))
+    with pytest.raises(SystemExit, match=r'non-finite loss \(kd\)'):
+        train.main(args + ['--out', str(tmp_path / 'b')])
+
+
+def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tmp_path):
+    common = ['--dataset', 'digits', '--train-fraction', '0.2', '--dim', '64', '--teacher', 'convnext_mini',
+              '--student', 'vit_mini', '--recipe', 'cnn', '--epochs', '1', '--teacher-ckpt',
+              random_teacher(tmp_path / 't.pt')]  # LayerNorm student, no mixup: nothing depends on the split
+    one = run_train(common + ['--batch-size', '16', '--out', str(tmp_path / 'one')], timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          'train.py', *common, '--batch-size', '8', '--out', str(tmp_path / 'two')],
+                         cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (torch.load(tmp_path / d / 'last.pt', weights_only=True) for d in ('one', 'two'))
+    assert a['student'].keys() == b['student'].keys()
+    moved = False
+    init = models.create('vit_mini', 10).net.state_dict()
+    for k in a['student']:
+        torch.testing.assert_close(a['student'][k], b['student'][k], rtol=1e-4, atol=1e-5, msg=k)
+        moved |= not torch.allclose(a['student'][k], init[k])
+    assert moved
 
 # ---------------------------------------------------------------- data.py (fake CIFAR, tiny ImageFolder, digits)
 def _md5(path):
@@ -315,7 +498,7 @@ def test_digits_split_and_determinism():
     assert mixup is None and train.num_workers == 0
     n_train, n_val = len(train.dataset), len(val.dataset)
     assert n_train + n_val == 1797 and n_val == 540
-    counts = torch.bincount(val.dataset.tensors[1], minlength=10)
+    counts = torch.bincount(val.dataset.y, minlength=10)
     assert counts.min() >= 50 and counts.max() <= 56  # stratified: ~54 per class
     x, y = next(iter(train))
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -323,8 +506,8 @@ def test_digits_split_and_determinism():
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
     # the split does not depend on the run seed
     train2, val2, _ = data.build_loaders('digits', None, 32, 64, seed=123)
-    assert torch.equal(val.dataset.tensors[0], val2.dataset.tensors[0])
-    assert torch.equal(train.dataset.tensors[0], train2.dataset.tensors[0])
+    assert torch.equal(val.dataset.x, val2.dataset.x)
+    assert torch.equal(train.dataset.x, train2.dataset.x)
     # order and augmentation are a function of (seed, epoch) only
     def first(loader, epoch, seed):
         data.set_epoch(loader, epoch, seed)
@@ -345,12 +528,12 @@ def test_digits_train_fraction():
     sub2, _, _ = data.build_loaders('digits', None, 32, 16, train_fraction=0.2, seed=2)
     n = len(sub.dataset)
     assert abs(n - 0.2 * len(full.dataset)) <= 1
-    assert torch.equal(sub.dataset.tensors[0], sub2.dataset.tensors[0])  # fixed subset
-    counts = torch.bincount(sub.dataset.tensors[1], minlength=10)
+    assert torch.equal(sub.dataset.x, sub2.dataset.x)  # fixed subset
+    counts = torch.bincount(sub.dataset.y, minlength=10)
     assert counts.min() >= n // 10 - 2 and counts.max() <= n // 10 + 2  # stratified
     # the subset is drawn from the training part, never from the val set
-    full_rows = {tuple(r.flatten()[::7].tolist()) for r in full.dataset.tensors[0]}
-    assert all(tuple(r.flatten()[::7].tolist()) in full_rows for r in sub.dataset.tensors[0])
+    full_rows = {tuple(r.flatten()[::7].tolist()) for r in full.dataset.x}
+    assert all(tuple(r.flatten()[::7].tolist()) in full_rows for r in sub.dataset.x)
 
 
 def test_digits_vit_mixup():

@@ -39,6 +39,7 @@ RECIPES = {
 }
 METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
 CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
+MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 
 
 def get_args(argv=None):
@@ -134,10 +135,15 @@ def load_weights(path, net, what):
     """A state_dict (or our checkpoint, or a {'state_dict'|'model': ...} wrapper) into a timm model, checked."""
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with weights_only=True).')
+    except pickle.UnpicklingError as e:
+        if 'GLOBAL' in str(e):  # a class or function reference: code that plain weights never need
+            raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with '
+                             'weights_only=True); save its state_dict alone and use that.')
+        raise SystemExit(f'{path} is not a readable PyTorch checkpoint: it may be truncated or another kind of file, '
+                         'so download or save it again.')
     except Exception as e:
-        raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}); is it truncated?')
+        raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated or '
+                         'another kind of file, so download or save it again.')
     for key in ('student', 'state_dict', 'model', 'model_ema'):
         if isinstance(ck, dict) and isinstance(ck.get(key), dict):
             ck = ck[key]
@@ -161,8 +167,12 @@ def load_weights(path, net, what):
 def build(args, num_classes):
     """The trainable module for the method: CE alone, KD, or FOFA (FitNet = FOFA without RAA and AFP)."""
     norm = data.NORM[args.dataset] or (None, None)
-    student = models.create(args.student, num_classes, pretrained=args.pretrained and args.method == 'ce',
-                            mean=norm[0], std=norm[1])
+    student = models.create(args.student, num_classes, mean=norm[0], std=norm[1])
+    if args.pretrained and args.method == 'ce':
+        try:
+            student = models.create(args.student, num_classes, pretrained=True, mean=norm[0], std=norm[1])
+        except Exception as e:  # offline, or no weights for this model
+            print(f'could not fetch timm ImageNet weights for {args.student} ({type(e).__name__}): from scratch')
     if args.method == 'ce':
         return Distiller(student, label_smoothing=args.smoothing)
     teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
@@ -265,6 +275,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
     if master and teacher is not None:
         print(f'teacher {args.teacher} top-1 {teacher_top1:.2f}')
+    streak = 0  # non-finite steps in a row
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch, args.seed)
         model.train()
@@ -280,7 +291,18 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
             sched.step_update(epoch * steps + i)
             with ctx:
                 _, terms = net(x, y)
-            terms["total"].backward()
+            bad = (~torch.isfinite(terms['total'])).float()
+            if world > 1:
+                dist.all_reduce(bad)  # every rank skips together
+            if bad.item():  # the one sync per step: a NaN/inf must never reach the weights
+                skipped, streak = skipped + 1, streak + 1
+                if streak >= MAX_NONFINITE:
+                    names = ', '.join(k for k, v in terms.items() if k != 'total' and not torch.isfinite(v))
+                    raise SystemExit(f'{streak} steps in a row had a non-finite loss ({names or "total"}): lower --lr '
+                                     'or the weight of that term, or check the teacher checkpoint and the data.')
+                continue
+            streak = 0
+            terms['total'].backward()
             if recipe['clip']:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['clip'])
             opt.step()
@@ -297,7 +319,8 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
         ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
         if not master:
             continue
-        rec = {'epoch': epoch + 1, **{k: round(v.item() / steps, 5) for k, v in sums.items()},
+        rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
+               'skipped_steps': skipped,
                'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'lr': opt.param_groups[0]['lr'],
                'img_per_s': round(steps * args.batch_size * world / train_time, 1),
                'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
