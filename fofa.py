@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from losses import afp_reg, hcl, kd, ofa
 
@@ -169,7 +170,7 @@ class AFP(nn.Module):
     feedback = M(F_S) - F_T' of the previous iteration, kept in the `feedback` buffer (stage-output shape).
     beta starts at 0, so at initialisation the prompted teacher is the teacher."""
 
-    def __init__(self, in_shape, out_shape, use_feedback=True):
+    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw'):
         super().__init__()
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
@@ -180,15 +181,25 @@ class AFP(nn.Module):
         if use_feedback:
             # feedback from the stage output back to the stage input's channels (resized in forward)
             self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
-            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2), nn.Conv2d(c, c, 1),
-                                        SE(c), nn.Conv2d(c, c, 1))
+            # FB: 1x1, 5x5, 1x1, SE, 1x1. The 5x5 is depthwise by default ('dw'); the official one is a full conv
+            # ('full'), which costs as much as a second teacher forward at 224 px (README, Speed and memory)
+            groups = {'dw': c, 'full': 1}[fusion]
+            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
+                                        nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1))
             self.register_buffer('feedback', torch.zeros(0))
 
     def forward(self, x):
+        fb = None
         if self.use_feedback:
             fb = self.feedback
             if fb.shape[0] != x.shape[0]:  # first step or a batch of another size: zero feedback, same parameters
                 fb = x.new_zeros(x.shape[0], *self.out_shape)
+        if torch.is_grad_enabled():  # recompute in backward: a few cheap convs on many full-size maps (memory)
+            return checkpoint(self.prompted, x, fb, use_reentrant=False)
+        return self.prompted(x, fb)
+
+    def prompted(self, x, fb):
+        if fb is not None:
             fb = self.fb_align(fb.to(x.dtype))
             if fb.shape[-2:] != x.shape[-2:]:
                 fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
@@ -213,14 +224,15 @@ class FOFA(Distiller):
     feedback buffers belong to each rank's own batch."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
-                 raa=True, alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0, label_smoothing=0.0):
+                 raa=True, fusion='dw', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
             raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
         _, s_out = student.shapes(img_size)
         t_in, t_out = teacher.shapes(img_size)
         self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa)
-        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback) for i in sorted(afp_stages)})
+        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion)
+                                  for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):

@@ -182,6 +182,11 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     expected = max(max(r['top1'], r['top1_ema']) for r in logs)
     assert abs(top1 - expected) < 1e-6 and best['which'] in ('raw', 'ema')
     assert 'best top-1' in capsys.readouterr().out
+    png = tmp_path / 'attn.png'  # RAA's attention map (Fig. 3) from the run's last.pt
+    evaluate_script.main(['--ckpt', os.path.join(out, 'last.pt'), '--attn', str(png)])
+    img = np.asarray(Image.open(png))
+    assert img.shape == (512, 512, 3) and (img[127, :] == 255).all() and (img[:, 383] == 255).all()
+    assert img[:127, :127].std() > 0  # not a blank picture
     # a second run reuses the cached teacher: no teacher training this time
     train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '1', '--method', 'kd',
                        '--out', str(tmp_path / 'kd'), '--teacher-dir', teachers])
@@ -206,6 +211,35 @@ def test_every_method_trains_a_step_on_a_heterogeneous_pair(method, tmp_path):
     before = [p.detach().clone() for p in model.student.parameters()]
     opt.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.student.parameters()))
+
+
+def test_bench_prints_ratios_and_the_floor(capsys):
+    import bench
+    rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
+                       '--warmup', '1', '--dim', '32'])
+    assert list(rows) == ['ce', 'kd', 'fofa'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
+    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['fofa']['flops']
+    assert 'FOFA floor' in capsys.readouterr().out
+
+
+def test_conv_backward_flops_count_groups():
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+    for groups in (1, 8):
+        conv = torch.nn.Conv2d(8, 8, 5, padding=2, groups=groups)
+        x = torch.rand(2, 8, 6, 6, requires_grad=True)
+        forward = 2 * 2 * 36 * conv.weight.numel()
+        assert bench.flops(lambda: conv(x).sum().backward()) == 3 * forward  # forward, grad input, grad weight
+
+
+def test_summarize_reports_mean_and_std_over_seeds(tmp_path, capsys):
+    for seed, (final, best) in enumerate([(80.0, 82.0), (84.0, 86.0)]):
+        d = tmp_path / 'cnn-vit' / 'fofa' / f'seed{seed}'
+        d.mkdir(parents=True)
+        (d / 'log.jsonl').write_text(json.dumps({'top1': best, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n'
+                                     + json.dumps({'top1': final, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n')
+    evaluate_script.main(['--summarize', str(tmp_path)])
+    assert '| cnn-vit (95.00) | fofa | 2 | 82.00 ± 2.83 | 84.00 ± 2.83 |' in capsys.readouterr().out
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

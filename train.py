@@ -42,7 +42,7 @@ CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 
 
-def get_args(argv=None):
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--teacher', help='teacher model (models.MODELS or a timm name); needed by every method but ce')
@@ -55,6 +55,8 @@ def get_args(argv=None):
     a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
+    a('--afp-fusion', default='dw', choices=('dw', 'full'), help="FOFA: the fusion block's 5x5 conv: depthwise, or "
+      "full as in the official code")
     a('--alpha', type=float, default=1.0, help='weight of KD (Eq. 8)')
     a('--beta', type=float, default=1.0, help='weight of the feature loss (Eq. 8)')
     a('--gamma', type=float, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
@@ -86,7 +88,11 @@ def get_args(argv=None):
     a('--teacher-epochs', type=int, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
     a('--log-every', type=int, default=50, help='steps between progress lines')
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def check_args(args):
@@ -176,7 +182,8 @@ def build(args, num_classes):
     if args.method == 'ce':
         return Distiller(student, label_smoothing=args.smoothing)
     teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
-    load_weights(args.teacher_ckpt, teacher.net, f'{args.teacher} ({num_classes} classes)')
+    if args.teacher_ckpt:  # (bench.py times random teachers)
+        load_weights(args.teacher_ckpt, teacher.net, f'{args.teacher} ({num_classes} classes)')
     common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
     hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
     emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
@@ -191,7 +198,7 @@ def build(args, num_classes):
         return OFA(student, teacher, args.img_size, num_classes, args.ofa, args.ofa_eps, **common)
     fitnet = args.method == 'fitnet'
     return FOFA(student, teacher, args.img_size, nq=args.nq, dim=args.dim, afp_stages=() if fitnet else args.afp,
-                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), beta=args.beta,
+                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), fusion=args.afp_fusion, beta=args.beta,
                 gamma=args.gamma, **common)
 
 
@@ -241,7 +248,12 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     student, teacher = model.student, model.teacher
-    opt = timm.optim.create_optimizer_v2(model, args.opt, lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    try:  # fused kernels: faster, and they skip a non-finite step without a host sync (found_inf below)
+        opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
+    except (TypeError, RuntimeError):  # not every timm optimizer has one
+        opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
+    fused = opt.defaults.get('fused', False)
     steps = len(train_loader)
     sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'], t_in_epochs=False,
                               warmup_t=int(args.warmup_epochs * steps), warmup_lr_init=recipe['warmup_lr'])
@@ -275,11 +287,12 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
     if master and teacher is not None:
         print(f'teacher {args.teacher} top-1 {teacher_top1:.2f}')
-    streak = 0  # non-finite steps in a row
+    streak = worst = torch.zeros((), device=device)  # non-finite steps in a row: now, and the longest
+    nonfinite = {}  # per loss term, to name the culprit
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch, args.seed)
         model.train()
-        sums, t0, skipped = {}, time.time(), 0
+        sums, t0, skipped = {}, time.time(), torch.zeros((), device=device)
         if device != 'cpu':
             torch.cuda.reset_peak_memory_stats()
         for i, (x, y) in enumerate(train_loader):
@@ -293,35 +306,41 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                 _, terms = net(x, y)
             bad = (~torch.isfinite(terms['total'])).float()
             if world > 1:
-                dist.all_reduce(bad)  # every rank skips together
-            if bad.item():  # the one sync per step: a NaN/inf must never reach the weights
-                skipped, streak = skipped + 1, streak + 1
-                if streak >= MAX_NONFINITE:
-                    names = ', '.join(k for k, v in terms.items() if k != 'total' and not torch.isfinite(v))
-                    raise SystemExit(f'{streak} steps in a row had a non-finite loss ({names or "total"}): lower --lr '
-                                     'or the weight of that term, or check the teacher checkpoint and the data.')
-                continue
-            streak = 0
+                dist.all_reduce(bad, dist.ReduceOp.MAX)  # every rank skips together
             terms['total'].backward()
             if recipe['clip']:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['clip'])
-            opt.step()
+            if fused:
+                opt.found_inf = bad  # the kernel skips the update when the loss was NaN/inf: no sync
+                opt.step()
+            elif not bad.item():  # other optimizers need the flag on the host: one sync per step
+                opt.step()
             opt.zero_grad(set_to_none=True)
             if ema:
                 ema.update(student, step=epoch * steps + i)
+            skipped, streak = skipped + bad, (streak + 1) * bad
+            worst = torch.maximum(worst, streak)
             for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + v.detach()
-            if master and (i + 1) % args.log_every == 0:
-                print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
-                      f'{(i + 1) * args.batch_size * world / (time.time() - t0):.1f} img/s', flush=True)
+                sums[k] = sums.get(k, 0) + torch.where(bad > 0, 0, v.detach().float())
+                nonfinite[k] = nonfinite.get(k, 0) + (~torch.isfinite(v.detach())).float()
+            if (i + 1) % args.log_every == 0 or i + 1 == steps:  # host reads only here
+                if worst.item() >= MAX_NONFINITE:
+                    names = ', '.join(k for k, n in nonfinite.items() if k != 'total' and n.item())
+                    raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss ({names or "total"}): '
+                                     'lower --lr or the weight of that term, or check the teacher checkpoint and data.')
+                if master and i + 1 < steps:
+                    print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
+                          f'{(i + 1) * args.batch_size * world / (time.time() - t0):.1f} img/s', flush=True)
         train_time = time.time() - t0
         top1, top5 = evaluate(student, val_loader, device, ctx)
         ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
         if not master:
             continue
+        skipped = int(skipped.item())
         rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
                'skipped_steps': skipped,
-               'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'lr': opt.param_groups[0]['lr'],
+               'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'teacher_top1': teacher_top1,
+               'lr': opt.param_groups[0]['lr'],
                'img_per_s': round(steps * args.batch_size * world / train_time, 1),
                'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
                                      __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}

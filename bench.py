@@ -1,0 +1,160 @@
+"""Speed and memory of one training step per method, in one process, on synthetic data at the pair's real input size.
+
+    python bench.py --teacher convnext_t --student deit_t --batch-size 16 --steps 5            # CPU fp32
+    python bench.py --teacher convnext_t --student deit_t --batch-size 128 --amp --compile     # CUDA
+
+Accepts train.py's flags (--method is ignored; --methods lists what to time). Prints images/s, ms/step (median),
+peak memory (CUDA max allocated, or peak RSS on CPU sampled during the steps), FLOPs per step, the ratios to ce and kd,
+and FOFA's floor: student fwd+bwd, plain teacher fwd, prompted teacher fwd + bwd to its input (no weight gradients).
+"""
+import ctypes
+import gc
+import math
+import os
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 2 ms (CPU has no allocator stats)."""
+
+    def __enter__(self):
+        self.peak, self.run = 0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        page = os.sysconf('SC_PAGE_SIZE')
+        while self.run:
+            with open('/proc/self/statm') as f:
+                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.run = False
+        self.thread.join()
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs):
+    # torch's formula ignores groups for the weight gradient (a depthwise conv's is counted C times over); both
+    # gradients of a conv cost what its forward costs: 2 * B * output positions * weight elements
+    output_mask = args[-1]
+    return 2 * grad_out_shape[0] * math.prod(grad_out_shape[2:]) * math.prod(w_shape) * sum(map(bool, output_mask[:2]))
+
+
+def flops(fn):
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) \
+            as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def release_memory(device):
+    gc.collect()
+    if device == 'cpu':
+        ctypes.CDLL('libc.so.6').malloc_trim(0)  # hand freed pages back, so the next method's peak is its own
+    else:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def bench(args, method, device, x, y, ctx):
+    args.method = method
+    torch.manual_seed(0)
+    model = train.build(args, 1000 if args.dataset == 'imagenet' else 100).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if args.compile:
+        model.student.compile()
+        if model.teacher is not None:
+            model.teacher.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, **({'fused': True} if device != 'cpu' else {}))
+
+    def step():
+        with ctx:
+            _, terms = model(x, y)
+        terms['total'].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):  # compile and allocator warm-up, outside the timing
+        step()
+    release_memory(device)
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(args.steps):
+            if device != 'cpu':
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device != 'cpu':
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    mem = torch.cuda.max_memory_allocated() if device != 'cpu' else rss.peak
+    row = dict(method=method, ms=1000 * statistics.median(times), mem=mem / 2**30, flops=flops(step) / 1e9)
+    if method == 'kd':  # the pieces of FOFA's floor
+        t = model.teacher
+        row['t_fwd'] = flops(lambda: t(x)) / 1e9
+        xg = x.clone().requires_grad_(True)
+        with ctx:
+            out = t(xg)
+        row['t_bwd_input'] = flops(lambda: torch.autograd.grad(out[0].float().sum(), xg)) / 1e9
+    return row
+
+
+def main(argv=None):
+    p = train.parser()
+    p.add_argument('--steps', type=int, default=5, help='timed steps')
+    p.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, allocator)')
+    p.add_argument('--methods', default='ce,kd,fofa', help='comma list of methods to time')
+    args = p.parse_args(argv)
+    methods = args.methods.split(',')
+    train.check_args(args)
+    args.recipe = args.recipe or train.family_recipe(args.student)
+    args.img_size = args.img_size or train.models.INPUT_SIZE.get(args.student, 224)
+    args.smoothing, args.teacher_ckpt = 0.1, None
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cpu':
+        torch.set_num_threads(os.cpu_count())
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = args.amp if args.amp is not None else device != 'cpu'
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else nullcontext()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+    y = torch.randint(0, 100, (args.batch_size,), generator=g).to(device)
+    name = torch.cuda.get_device_name() if device != 'cpu' else f'CPU x{os.cpu_count()}'
+    print(f'{args.teacher} -> {args.student} at {args.img_size}px, batch {args.batch_size}, {name}, '
+          f'{"bf16" if amp else "fp32"}{", compiled" if args.compile else ""}, torch {torch.__version__}, '
+          f'{args.warmup} warm-up + {args.steps} timed steps (median)')
+    rows = {}
+    for m in methods:
+        rows[m] = bench(args, m, device, x, y, ctx)
+        release_memory(device)
+    ce, kd = rows.get('ce'), rows.get('kd')
+    print(f"{'method':8} {'img/s':>8} {'ms/step':>9} {'peak GB':>8} {'GFLOP':>8} {'t/ce':>6} {'t/kd':>6} {'mem/kd':>7} {'FLOP/kd':>8}")
+    for m, r in rows.items():
+        rel = lambda base, k: f"{r[k] / base[k]:.2f}" if base else '-'
+        print(f"{m:8} {1000 * args.batch_size / r['ms']:8.1f} {r['ms']:9.1f} {r['mem']:8.2f} {r['flops']:8.1f} "
+              f"{rel(ce, 'ms'):>6} {rel(kd, 'ms'):>6} {rel(kd, 'mem'):>7} {rel(kd, 'flops'):>8}")
+    if kd and 'fofa' in rows:
+        floor = (kd['flops'] + kd['t_fwd'] + kd['t_bwd_input']) / kd['flops']
+        measured = rows['fofa']['ms'] / kd['ms']
+        print(f"FOFA floor: KD + prompted teacher fwd ({kd['t_fwd']:.1f} GFLOP) + bwd to its input "
+              f"({kd['t_bwd_input']:.1f} GFLOP) = {floor:.2f}x KD in FLOPs; measured FOFA/KD time {measured:.2f}x = "
+              f"{measured / floor:.2f}x the floor ratio; FOFA/KD FLOPs {rows['fofa']['flops'] / kd['flops']:.2f}x, "
+              f"memory {rows['fofa']['mem'] / kd['mem']:.2f}x")
+    return rows
+
+
+if __name__ == '__main__':
+    main()
