@@ -70,18 +70,22 @@ def draw_attention(args):
 
 
 def summarize(root):
-    """Markdown table of <root>/<pair>/<config>/<seed>/log.jsonl: final and best top-1, mean +- std over seeds."""
-    runs = defaultdict(list)
-    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl'))):
+    """Markdown table of <root>/<pair>/<config>/<seed>/log.jsonl: final and best top-1, mean +- std over seeds.
+    Configs keep the order in which they were run."""
+    runs, teacher = defaultdict(list), {}
+    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
         recs = [json.loads(line) for line in open(log)]
         pair, config = log.split(os.sep)[-4:-2]
-        runs[pair, config].append((recs[-1]['top1'], max(max(r['top1'], r['top1_ema'] or 0) for r in recs),
-                                   recs[-1].get('teacher_top1')))
+        runs[pair, config].append((recs[-1]['top1'], max(max(r['top1'], r['top1_ema'] or 0) for r in recs)))
+        if recs[-1].get('teacher_top1') is not None:
+            teacher[pair] = recs[-1]['teacher_top1']
     ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}'
-    lines = ['| pair (teacher top-1) | config | seeds | final top-1 | best top-1 |', '|---|---|---|---|---|']
-    for (pair, config), r in runs.items():
-        teacher = next((f' ({t:.2f})' for *_, t in r if t is not None), '')
-        lines.append(f'| {pair}{teacher} | {config} | {len(r)} | {ms([a for a, *_ in r])} | {ms([b for _, b, _ in r])} |')
+    lines = ['| teacher -> student | teacher top-1 | config | seeds | final top-1 | best top-1 |',
+             '|---|---|---|---|---|---|']
+    for (pair, config), r in sorted(runs.items(), key=lambda kv: kv[0][0]):  # stable: run order within a pair
+        t = f'{teacher[pair]:.2f}' if pair in teacher else '-'
+        lines.append(f'| {pair.replace("-", " -> ")} | {t} | {config} | {len(r)} | {ms([a for a, _ in r])} | '
+                     f'{ms([b for _, b in r])} |')
     print('\n'.join(lines))
     return runs
 

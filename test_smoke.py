@@ -239,7 +239,7 @@ def test_summarize_reports_mean_and_std_over_seeds(tmp_path, capsys):
         (d / 'log.jsonl').write_text(json.dumps({'top1': best, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n'
                                      + json.dumps({'top1': final, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n')
     evaluate_script.main(['--summarize', str(tmp_path)])
-    assert '| cnn-vit (95.00) | fofa | 2 | 82.00 ± 2.83 | 84.00 ± 2.83 |' in capsys.readouterr().out
+    assert '| cnn -> vit | 95.00 | fofa | 2 | 82.00 ± 2.83 | 84.00 ± 2.83 |' in capsys.readouterr().out
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):

@@ -261,7 +261,9 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     start, best, log_path = 0, {'top1': -1.0}, os.path.join(args.out, 'log.jsonl')
     if args.resume:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-        model.load_state_dict(ck['model'])
+        if ddp_rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero (one step)
+            ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
+        model.load_state_dict(ck['model'], strict=not ddp_rank)
         opt.load_state_dict(ck['optimizer'])
         sched.load_state_dict(ck['scheduler'])
         if ema:
@@ -278,7 +280,9 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
         student.compile()
         if teacher is not None:
             teacher.compile()
-    net = DDP(model, device_ids=[device] if device != 'cpu' else None, broadcast_buffers=False) if world > 1 else model
+    # only the trainable module is in DDP (the teacher is not a submodule); feedback buffers stay per rank
+    net = DDP(model, device_ids=[torch.device(device)] if device != 'cpu' else None,
+              broadcast_buffers=False) if world > 1 else model
     ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp else nullcontext()
     if master:
         print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at {args.img_size}px, '
