@@ -118,6 +118,7 @@ def main(argv=None):
     p.add_argument('--methods', default='ce,kd,fofa', help='comma list of methods to time')
     args = p.parse_args(argv)
     methods = args.methods.split(',')
+    args.overwrite = True  # bench writes nothing to --out
     train.check_args(args)
     args.recipe = args.recipe or train.family_recipe(args.student)
     args.img_size = args.img_size or train.models.INPUT_SIZE.get(args.student, 224)
