@@ -171,14 +171,16 @@ def load_weights(path, net, what):
 
 
 def build(args, num_classes):
-    """The trainable module for the method: CE alone, KD, or FOFA (FitNet = FOFA without RAA and AFP)."""
+    """The trainable module for --method, holding the frozen teacher (FitNet = FOFA without RAA and AFP)."""
     norm = data.NORM[args.dataset] or (None, None)
-    student = models.create(args.student, num_classes, mean=norm[0], std=norm[1])
-    if args.pretrained and args.method == 'ce':
-        try:
-            student = models.create(args.student, num_classes, pretrained=True, mean=norm[0], std=norm[1])
-        except Exception as e:  # offline, or no weights for this model
-            print(f'could not fetch timm ImageNet weights for {args.student} ({type(e).__name__}): from scratch')
+    try:
+        student = models.create(args.student, num_classes, pretrained=args.pretrained and args.method == 'ce',
+                                mean=norm[0], std=norm[1])
+    except ValueError:
+        raise
+    except Exception as e:  # offline, or no timm weights for this model
+        print(f'could not fetch timm ImageNet weights for {args.student} ({type(e).__name__}): from scratch')
+        student = models.create(args.student, num_classes, mean=norm[0], std=norm[1])
     if args.method == 'ce':
         return Distiller(student, label_smoothing=args.smoothing)
     teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
