@@ -102,6 +102,17 @@ def test_pair_trains_and_teacher_stays_frozen(teacher, student):
     assert all(p.grad is None for p in d.teacher.parameters()) and not d.teacher.training
 
 
+def test_bf16_autocast_step_on_cpu():
+    d = small_fofa('convnext_mini', 'vit_mini')
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits, losses = d(x, y)
+    assert logits.dtype == torch.bfloat16 and all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses['total'].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in d.raa.parameters())
+    assert all(afp.feedback.dtype == torch.float32 for afp in d.afp.values())
+
+
 @pytest.mark.parametrize('teacher', ['convnext_mini', 'vit_mini', 'swin_mini', 'mixer_mini'])
 def test_prompted_teacher_equals_teacher_at_beta_zero(teacher):
     d = small_fofa(teacher, 'resnet_mini')
