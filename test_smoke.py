@@ -235,7 +235,6 @@ def test_bench_prints_ratios_and_the_floor(capsys):
 
 def test_conv_backward_flops_count_groups():
     import bench
-    from torch.utils.flop_counter import FlopCounterMode
     for groups in (1, 8):
         conv = torch.nn.Conv2d(8, 8, 5, padding=2, groups=groups)
         x = torch.rand(2, 8, 6, 6, requires_grad=True)
