@@ -182,7 +182,7 @@ class AFP(nn.Module):
             # feedback from the stage output back to the stage input's channels (resized in forward)
             self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
             # FB: 1x1, 5x5, 1x1, SE, 1x1. The 5x5 is depthwise by default ('dw'); the official one is a full conv
-            # ('full'), which costs as much as a second teacher forward at 224 px (README, Speed and memory)
+            # ('full'), which adds about 2.6 ConvNeXt-T forwards of FLOPs per step at 224 px (README, Speed and memory)
             groups = {'dw': c, 'full': 1}[fusion]
             self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
                                         nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1))
