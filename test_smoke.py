@@ -343,6 +343,7 @@ def user_error_cases(tmp_path):
         (ok + ['--nq', '50'], '4*k*k'),
         (ok + ['--afp-stages', '1,5'], 'afp-stages'),
         (ok + ['--afp-stages', 'first'], 'afp-stages'),
+        (ok + ['--method', 'ofa', '--ofa-stages', '1,x'], 'ofa-stages'),
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', 'missing.pt'], 'does not exist'),
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(truncated)], 'truncated'),
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(text)], 'not a readable'),

@@ -108,16 +108,8 @@ def check_args(args):
             raise SystemExit(f"unknown model '{name}': use one of {', '.join(models.MODELS)} or a timm model name.")
     if args.batch_size < 1 or args.epochs < 1:
         raise SystemExit('--batch-size and --epochs must be at least 1.')
-    stages = args.afp_stages.strip().lower()
-    try:
-        args.afp = () if stages in ('none', '') else tuple(sorted({int(s) for s in stages.split(',')}))
-    except ValueError:
-        args.afp = None
-    if args.afp is None or not set(args.afp) <= {1, 2, 3, 4}:
-        raise SystemExit(f"--afp-stages '{args.afp_stages}' is not a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'.")
-    args.ofa = tuple(int(s) for s in args.ofa_stages.split(',') if s.strip().isdigit())
-    if not args.ofa or not set(args.ofa) <= {1, 2, 3, 4}:
-        raise SystemExit(f"--ofa-stages '{args.ofa_stages}' is not a comma list of stages 1-4.")
+    args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
+    args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
     k = math.isqrt(max(args.nq, 0) // 4)
     if args.nq < 4 or 4 * k * k != args.nq:
         raise SystemExit(f'--nq {args.nq} is not 4*k*k: each of the 4 stages must be a k x k grid (36, 64, 100, 144).')
@@ -128,6 +120,21 @@ def check_args(args):
         raise SystemExit(f'--resume: there is no checkpoint {last} to resume from.')
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+
+
+def stage_list(text, flag, allow_none=False):
+    """'1,2,4' -> (1, 2, 4); 'none' -> () where allowed; anything else is a one-sentence error."""
+    text = text.strip().lower()
+    if allow_none and text in ('none', ''):
+        return ()
+    try:
+        stages = tuple(sorted({int(s) for s in text.split(',')}))
+    except ValueError:
+        stages = ()
+    if not stages or not set(stages) <= {1, 2, 3, 4}:
+        raise SystemExit(f"{flag} '{text}' is not a comma list of stages 1-4 (e.g. 1,2,3,4)"
+                         + (" or 'none'." if allow_none else '.'))
+    return stages
 
 
 def family_recipe(name):
@@ -141,13 +148,10 @@ def load_weights(path, net, what):
     """A state_dict (or our checkpoint, or a {'state_dict'|'model': ...} wrapper) into a timm model, checked."""
     try:
         ck = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'GLOBAL' in str(e):  # a class or function reference: code that plain weights never need
+    except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # a class or function: code, not weights
             raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with '
                              'weights_only=True); save its state_dict alone and use that.')
-        raise SystemExit(f'{path} is not a readable PyTorch checkpoint: it may be truncated or another kind of file, '
-                         'so download or save it again.')
-    except Exception as e:
         raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated or '
                          'another kind of file, so download or save it again.')
     for key in ('student', 'state_dict', 'model', 'model_ema'):
