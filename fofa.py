@@ -104,16 +104,24 @@ class Patchify(nn.Module):
 
 
 class Aligner(nn.Module):
-    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W), with a channel and a learned spatial projection."""
+    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W), with a channel and a learned spatial projection.
+    official=True is the official code's: BatchNorm, and for map teachers a nearest upsampling of the k x k grid."""
 
-    def __init__(self, dim, tokens, shape):
+    def __init__(self, dim, tokens, shape, official=None):
         super().__init__()
-        self.shape = shape
-        self.norm, self.channels = nn.LayerNorm(dim), nn.Linear(dim, shape[0])
-        self.spatial = nn.Linear(tokens, shape[1] * shape[2])
+        self.shape, self.official = shape, official
+        if official == 'map':  # (B, d, k, k) -> nearest to (H, W) -> BN -> 1x1 conv
+            self.norm, self.channels = nn.BatchNorm2d(dim), nn.Conv2d(dim, shape[0], 1, bias=False)
+            return
+        self.norm = nn.BatchNorm1d(tokens) if official else nn.LayerNorm(dim)  # BN over the token axis
+        self.channels, self.spatial = nn.Linear(dim, shape[0]), nn.Linear(tokens, shape[1] * shape[2])
+        self.norm2 = nn.BatchNorm1d(shape[0]) if official else nn.Identity()
 
     def forward(self, t):
-        x = self.channels(self.norm(t)).transpose(1, 2)  # (B, C_t, grid^2)
+        if self.official == 'map':
+            grid = t.transpose(1, 2).unflatten(2, (math.isqrt(t.shape[1]),) * 2)
+            return self.channels(self.norm(F.interpolate(grid, size=self.shape[1:], mode='nearest')))
+        x = self.norm2(self.channels(self.norm(t)).transpose(1, 2))  # (B, C_t, grid^2)
         return self.spatial(x).unflatten(2, self.shape[1:])
 
 
@@ -121,7 +129,7 @@ class RAA(nn.Module):
     """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then per-stage aligners.
     attention=False leaves only patchify + aligners: the FitNet baseline of Table 4."""
 
-    def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True):
+    def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True, official=None):
         super().__init__()
         grid = math.isqrt(nq // 4)
         if nq < 4 or 4 * grid * grid != nq:
@@ -131,7 +139,7 @@ class RAA(nn.Module):
             raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
         self.heads, self.attention, self.keep_attn, self.attn = heads, attention, False, None
         self.patchify = nn.ModuleList(Patchify(s, grid, dim) for s in student_shapes)
-        self.align = nn.ModuleList(Aligner(dim, grid * grid, t) for t in teacher_shapes)
+        self.align = nn.ModuleList(Aligner(dim, grid * grid, t, official) for t in teacher_shapes)
         if attention:
             self.pos = nn.Parameter(torch.zeros(1, nq, dim))  # one embedding per (stage, patch) slot
             nn.init.trunc_normal_(self.pos, std=0.02)
@@ -153,15 +161,17 @@ class RAA(nn.Module):
 
 
 class SE(nn.Module):
-    """Squeeze-excitation that gates the feature (the official block returned the gate itself)."""
+    """Squeeze-excitation that gates the feature. replace=True returns the gate itself, as the official block did:
+    every layer after it then runs on a 1x1 map, and the prompt becomes a per-sample, per-channel bias."""
 
-    def __init__(self, c):
+    def __init__(self, c, replace=False):
         super().__init__()
-        hidden = max(c // 16, 8)
+        hidden, self.replace = max(c // 16, 8), replace
         self.fc = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, c, 1), nn.Sigmoid())
 
     def forward(self, x):
-        return x * self.fc(x.mean((2, 3), keepdim=True))
+        gate = self.fc(x.mean((2, 3), keepdim=True))
+        return gate if self.replace else x * gate
 
 
 class AFP(nn.Module):
@@ -170,13 +180,14 @@ class AFP(nn.Module):
     feedback = M(F_S) - F_T' of the previous iteration, kept in the `feedback` buffer (stage-output shape).
     beta starts at 0, so at initialisation the prompted teacher is the teacher."""
 
-    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw'):
+    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='spatial'):
         super().__init__()
+        se = lambda c: SE(c, replace=prompt == 'channel')
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
         # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
         self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g), nn.Conv2d(c, c, 5, padding=2, groups=c),
-                                    nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1, groups=g))
+                                    nn.Conv2d(c, c, 1), se(c), nn.Conv2d(c, c, 1, groups=g))
         self.beta = nn.Parameter(torch.zeros(1))
         if use_feedback:
             # feedback from the stage output back to the stage input's channels (resized in forward)
@@ -185,15 +196,17 @@ class AFP(nn.Module):
             # ('full'), which adds about 2.6 ConvNeXt-T forwards of FLOPs per step at 224 px (README, Speed and memory)
             groups = {'dw': c, 'full': 1}[fusion]
             self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
-                                        nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1))
+                                        nn.Conv2d(c, c, 1), se(c), nn.Conv2d(c, c, 1))
             self.register_buffer('feedback', torch.zeros(0))
 
     def forward(self, x):
         fb = None
         if self.use_feedback:
             fb = self.feedback
-            if fb.shape[0] != x.shape[0]:  # first step or a batch of another size: zero feedback, same parameters
+            if not fb.numel():  # first step: zero feedback, same parameters
                 fb = x.new_zeros(x.shape[0], *self.out_shape)
+            elif fb.shape[0] != x.shape[0]:  # a batch of another size (the last test batch): rows reused in turn
+                fb = fb[torch.arange(x.shape[0], device=fb.device) % fb.shape[0]]
         if torch.is_grad_enabled():  # recompute in backward: a few cheap convs on many full-size maps (memory)
             return checkpoint(self.prompted, x, fb, use_reentrant=False)
         return self.prompted(x, fb)
@@ -220,27 +233,33 @@ class FOFA(Distiller):
 
     FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i) (Eq. 2), against the prompted teacher's features;
     Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4 (empty: no prompts, the plain teacher's features
-    are the targets). raa=False drops the attention (FitNet baseline). Under DDP use broadcast_buffers=False: the
-    feedback buffers belong to each rank's own batch."""
+    are the targets). raa=False drops the attention (FitNet baseline). prompt='channel' and aligner='official' are the
+    official code's blocks (README, deliberate differences). Under DDP use broadcast_buffers=False: the feedback
+    buffers belong to each rank's own batch."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
-                 raa=True, fusion='dw', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0, label_smoothing=0.0):
+                 raa=True, fusion='dw', prompt='spatial', aligner='ours', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
+                 label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
             raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
         _, s_out = student.shapes(img_size)
         t_in, t_out = teacher.shapes(img_size)
-        self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa)
-        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion)
+        official = (teacher.layout == 'nchw' and 'map' or 'tokens') if aligner == 'official' else None
+        self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa, official=official)
+        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion, prompt)
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
+
+    def prompted_teacher(self, images):
+        """The teacher with the current prompts and feedback: (logits, feats)."""
+        return self.teacher(images, {int(i): afp for i, afp in self.afp.items()})
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         aligned = self.raa(feats)
         losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # Eq. 1 against the plain teacher
         if len(self.afp):
-            prompts = {int(i): afp for i, afp in self.afp.items()}
-            tp_logits, t_feats = self.teacher(images, prompts)  # the prompted pass: gradients reach the prompts
+            tp_logits, t_feats = self.prompted_teacher(images)  # the prompted pass: gradients reach the prompts
             losses['reg'] = afp_reg(tp_logits.float(), t_logits)  # Eq. 7
         losses['fd'] = sum(hcl(a.float(), t.float()) for a, t in zip(aligned, t_feats))  # Eq. 2 with D = HCL
         with torch.no_grad():

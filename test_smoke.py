@@ -11,6 +11,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
@@ -113,9 +114,11 @@ def test_bf16_autocast_step_on_cpu():
     assert all(afp.feedback.dtype == torch.float32 for afp in d.afp.values())
 
 
-@pytest.mark.parametrize('teacher', ['convnext_mini', 'vit_mini', 'swin_mini', 'mixer_mini'])
-def test_prompted_teacher_equals_teacher_at_beta_zero(teacher):
-    d = small_fofa(teacher, 'resnet_mini')
+@pytest.mark.parametrize('teacher,prompt', [('convnext_mini', 'spatial'), ('vit_mini', 'spatial'),
+                                            ('swin_mini', 'spatial'), ('mixer_mini', 'spatial'),
+                                            ('convnext_mini', 'channel'), ('swin_mini', 'channel')])
+def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
+    d = small_fofa(teacher, 'resnet_mini', prompt=prompt)
     x = torch.rand(3, 3, 32, 32)
     for i, afp in d.afp.items():  # non-trivial feedback, so the whole prompt branch runs on real numbers
         afp.feedback = torch.randn(3, *afp.out_shape)
@@ -127,6 +130,23 @@ def test_prompted_teacher_equals_teacher_at_beta_zero(teacher):
         for afp in d.afp.values():
             afp.beta.fill_(0.1)
         assert not torch.allclose(feats[-1], d.teacher(x, prompts)[1][-1])  # (timm's Mixer head starts at zero)
+
+
+@pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
+def test_official_blocks_channel_prompt_and_batchnorm_aligners(teacher):
+    d = small_fofa(teacher, 'vit_mini', prompt='channel', aligner='official')
+    afp = d.afp['1']
+    afp.feedback, x = torch.randn(2, *afp.out_shape), torch.randn(2, *afp.in_shape)
+    with torch.no_grad():
+        afp.beta.fill_(1.0)
+        bias = afp(x) - x  # the official SE output replaces the feature: a per-sample, per-channel bias
+    torch.testing.assert_close(bias, bias[..., :1, :1].expand_as(bias))
+    assert bias.abs().sum() > 0
+    kinds = {type(m) for m in d.raa.align.modules()}
+    assert (nn.BatchNorm2d in kinds) == (teacher == 'convnext_mini') and nn.LayerNorm not in kinds
+    _, losses = d(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    losses['total'].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.raa.align.parameters())
 
 
 def test_feedback_comes_from_the_previous_iteration():
@@ -193,6 +213,21 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     expected = max(max(r['top1'], r['top1_ema']) for r in logs)
     assert abs(top1 - expected) < 1e-6 and best['which'] in ('raw', 'ema')
     assert 'best top-1' in capsys.readouterr().out
+    # prompted_teacher_top1 is the prompted pass with the run's feedback buffers: last.pt reproduces it, and with
+    # every beta at 0 it is the teacher's own top-1
+    ck = torch.load(os.path.join(out, 'last.pt'), weights_only=True)
+    run = train.get_args(['--student', 'vit_mini'])
+    vars(run).update(ck['args'])
+    model = train.build(run, 10)
+    model.load_state_dict(ck['model'])
+    _, val_loader, _ = data.build_loaders('digits', None, 32, run.batch_size, workers=0)
+    ctx = torch.autocast('cpu', enabled=False)
+    assert train.evaluate(model.prompted_teacher, val_loader, 'cpu', ctx)[0] == logs[-1]['prompted_teacher_top1']
+    assert all(afp.beta.abs().item() > 0 for afp in model.afp.values())
+    with torch.no_grad():
+        for afp in model.afp.values():
+            afp.beta.zero_()
+    assert train.evaluate(model.prompted_teacher, val_loader, 'cpu', ctx)[0] == logs[-1]['teacher_top1']
     png = tmp_path / 'attn.png'  # RAA's attention map (Fig. 3) from the run's last.pt
     evaluate_script.main(['--ckpt', os.path.join(out, 'last.pt'), '--attn', str(png)])
     img = np.asarray(Image.open(png))

@@ -57,6 +57,10 @@ def parser():
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
     a('--afp-fusion', default='dw', choices=('dw', 'full'), help="FOFA: the fusion block's 5x5 conv: depthwise, or "
       "full as in the official code")
+    a('--afp-prompt', default='spatial', choices=('spatial', 'channel'), help="FOFA: the SE gates a spatial prompt, "
+      "or replaces it as in the official code (a per-channel bias)")
+    a('--aligner', default='ours', choices=('ours', 'official'), help='FOFA: LayerNorm + learned spatial map, or the '
+      'official BatchNorm (+ nearest upsampling for map teachers)')
     a('--alpha', type=float, default=1.0, help='weight of KD (Eq. 8)')
     a('--beta', type=float, default=1.0, help='weight of the feature loss (Eq. 8)')
     a('--gamma', type=float, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
@@ -204,7 +208,8 @@ def build(args, num_classes):
         return OFA(student, teacher, args.img_size, num_classes, args.ofa, args.ofa_eps, **common)
     fitnet = args.method == 'fitnet'
     return FOFA(student, teacher, args.img_size, nq=args.nq, dim=args.dim, afp_stages=() if fitnet else args.afp,
-                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), fusion=args.afp_fusion, beta=args.beta,
+                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), fusion=args.afp_fusion, prompt=args.afp_prompt,
+                aligner=args.aligner, beta=args.beta,
                 gamma=args.gamma, **common)
 
 
@@ -220,7 +225,9 @@ def save(obj, path):
 
 @torch.no_grad()
 def evaluate(net, loader, device, ctx):
-    net.eval()
+    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function of the images."""
+    if isinstance(net, torch.nn.Module):
+        net.eval()
     correct = torch.zeros(3, device=device)  # top-1, top-5, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -344,12 +351,15 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
         train_time = time.time() - t0
         top1, top5 = evaluate(student, val_loader, device, ctx)
         ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
+        afp = getattr(model, 'afp', None)  # the prompted teacher with this run's current feedback (README, Evidence)
+        prompted = evaluate(model.eval().prompted_teacher, val_loader, device, ctx)[0] if afp else None
         if not master:
             continue
         skipped = int(skipped.item())
         rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
                'skipped_steps': skipped,
                'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'teacher_top1': teacher_top1,
+               'prompted_teacher_top1': prompted,
                'lr': opt.param_groups[0]['lr'],
                'img_per_s': round(steps * args.batch_size * world / train_time, 1),
                'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
