@@ -156,7 +156,7 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
     train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, num_workers=workers,
                               pin_memory=pin_memory, drop_last=True, generator=generator, persistent_workers=False)
-    val_loader = DataLoader(val_set, batch_size, sampler=val_sampler, shuffle=False,
+    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, shuffle=False,  # no grad: 4x the batch
                             num_workers=workers, pin_memory=pin_memory, drop_last=False)
     if len(train_loader) == 0:
         raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than "

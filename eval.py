@@ -3,6 +3,7 @@
     python eval.py --model deit_t --ckpt runs/x/best.pt --dataset cifar100     # top-1/top-5, printed and as JSON
     python eval.py --ckpt runs/x/last.pt --attn attn.png                      # RAA attention of a FOFA run (Fig. 3)
     python eval.py --summarize runs/evidence                                   # mean +- std over seeds, as markdown
+    python eval.py --summarize runs/evidence --curves curves.png               # learning curves per pair
 """
 import argparse
 import glob
@@ -14,7 +15,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import data
 import models
@@ -69,25 +70,60 @@ def draw_attention(args):
     print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries in 4 stages')
 
 
-def summarize(root):
-    """Markdown table of <root>/<pair>/<config>/<seed>/log.jsonl: final and best top-1, mean +- std over seeds.
-    Configs keep the order in which they were run."""
-    runs, teacher = defaultdict(list), {}
+def load_runs(root):
+    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl, configs in run order."""
+    runs = defaultdict(dict)
     for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
-        recs = [json.loads(line) for line in open(log)]
-        pair, config = log.split(os.sep)[-4:-2]
-        runs[pair, config].append((recs[-1]['top1'], max(max(r['top1'], r['top1_ema'] or 0) for r in recs)))
-        if recs[-1].get('teacher_top1') is not None:
-            teacher[pair] = recs[-1]['teacher_top1']
-    ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}'
-    lines = ['| teacher -> student | teacher top-1 | config | seeds | final top-1 | best top-1 |',
-             '|---|---|---|---|---|---|']
-    for (pair, config), r in sorted(runs.items(), key=lambda kv: kv[0][0]):  # stable: run order within a pair
-        t = f'{teacher[pair]:.2f}' if pair in teacher else '-'
-        lines.append(f'| {pair.replace("-", " -> ")} | {t} | {config} | {len(r)} | {ms([a for a, _ in r])} | '
-                     f'{ms([b for _, b in r])} |')
-    print('\n'.join(lines))
+        pair, config, seed = log.split(os.sep)[-4:-1]
+        runs[pair].setdefault(config, {})[seed] = [json.loads(line) for line in open(log)]
     return runs
+
+
+def summarize(root):
+    """One markdown table per pair: final and best top-1 (mean +- std over seeds), the paired per-seed difference of
+    the final top-1 to kd and to raa (same seed, same data order), and the prompted teacher's top-1 at the end."""
+    ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
+    runs = load_runs(root)
+    for pair, configs in sorted(runs.items()):
+        final = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
+        teacher = next(r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values())
+        print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher or 0:.2f}\n\n| config | seeds | final top-1 | '
+              'best top-1 | final - kd (paired) | final - raa (paired) | prompted teacher top-1 |\n|---|---|---|---|---|---|---|')
+        for c, seeds in configs.items():
+            paired = lambda ref: ms([final[c][s] - final[ref][s] for s in seeds if s in final.get(ref, {})])
+            prompted = [r[-1]['prompted_teacher_top1'] for r in seeds.values() if r[-1].get('prompted_teacher_top1')]
+            print(f'| {c} | {len(seeds)} | {ms(list(final[c].values()))} | '
+                  f'{ms([max(max(e["top1"], e["top1_ema"] or 0) for e in r) for r in seeds.values()])} | '
+                  f'{paired("kd")} | {paired("raa")} | {ms(prompted)} |')
+    return runs
+
+
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 90, 200)]
+
+
+def curves(root, png, w=520, h=360, pad=40):
+    """Test top-1 per epoch, mean over seeds, one line per config and one panel per pair, into a PNG (Pillow)."""
+    runs = load_runs(root)
+    if not runs:
+        raise SystemExit(f'--curves: no runs under {root} (expected <pair>/<config>/<seed>/log.jsonl).')
+    img = Image.new('RGB', (w * len(runs), h), 'white')
+    draw = ImageDraw.Draw(img)
+    for k, (pair, configs) in enumerate(sorted(runs.items())):
+        x0, epochs = k * w + pad, max(len(r) for seeds in configs.values() for r in seeds.values())
+        to_xy = lambda e, acc: (x0 + (w - 2 * pad) * (e - 1) / max(epochs - 1, 1), h - pad - (h - 2 * pad) * acc / 100)
+        draw.rectangle([x0, pad, x0 + w - 2 * pad, h - pad], outline='black')
+        draw.text((x0, 8), f'{pair.replace("-", " -> ")}: test top-1 (%) per epoch, mean over seeds', fill='black')
+        for acc in range(0, 101, 20):
+            draw.text((x0 - 25, to_xy(1, acc)[1] - 5), str(acc), fill='gray')
+        draw.text((x0 + w - 2 * pad - 30, h - pad + 5), f'{epochs} ep', fill='gray')
+        for j, (c, seeds) in enumerate(configs.items()):
+            n = min(len(r) for r in seeds.values())
+            mean = [statistics.mean(r[e]['top1'] for r in seeds.values()) for e in range(n)]
+            draw.line([to_xy(e + 1, a) for e, a in enumerate(mean)], fill=PALETTE[j % len(PALETTE)], width=2)
+            draw.text((x0 + 8 + 95 * (j % 4), h - pad - 15 - 12 * (j // 4)), c, fill=PALETTE[j % len(PALETTE)])
+    img.save(png)
+    print(f'{png}: curves of {sum(len(c) for c in runs.values())} configs in {len(runs)} pairs')
 
 
 def main(argv=None):
@@ -101,10 +137,11 @@ def main(argv=None):
     p.add_argument('--workers', type=int, default=4)
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as in training with --amp)')
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
-    p.add_argument('--summarize', metavar='DIR', help='table of the runs under DIR (see evidence.sh)')
+    p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (see evidence.sh)')
+    p.add_argument('--curves', metavar='PNG', help='with --summarize: draw their learning curves')
     args = p.parse_args(argv)
     if args.summarize:
-        return summarize(args.summarize)
+        return curves(args.summarize, args.curves) if args.curves else summarize(args.summarize)
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')
     if args.attn:

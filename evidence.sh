@@ -1,39 +1,70 @@
 #!/usr/bin/env bash
-# The paper's comparisons in miniature, offline: every method and the Table 4 ablation on two heterogeneous pairs of
-# the 32-px models, on sklearn digits, 3 seeds each, then a mean +- std table (README, Evidence).
-# Teachers see the whole training split (20 or 40 epochs); students see a fixed stratified fraction of it, so that a student trained
-# from scratch is well below its teacher. Restartable: finished runs are skipped.
-#   bash evidence.sh                      # OUT=runs/evidence SEEDS="0 1 2" EPOCHS=20 bash evidence.sh
+# The paper's comparisons in miniature, offline (README, Evidence): every method, the Table 4 ladder and the
+# hypotheses about the prompts, on three heterogeneous pairs of the 32-px models, sklearn digits, 5 seeds each.
+# Teachers see the whole training split; students a fixed stratified fraction of it. Every config passes all its
+# flags, so later changes of defaults do not change what a finished run measured. JOBS single-thread trainings run
+# side by side. Restartable: finished runs are skipped, interrupted ones resume from their last.pt.
+#   bash evidence.sh                 # OUT=runs/evidence SEEDS="0 1 2 3 4" JOBS=2 bash evidence.sh
+#   ONLY="ce kd" bash evidence.sh    # a subset of the configs
 set -euo pipefail
 cd "$(dirname "$0")"
-OUT=${OUT:-runs/evidence}
-SEEDS=${SEEDS:-0 1 2}
-EPOCHS=${EPOCHS:-20}
-COMMON="--dataset digits --epochs $EPOCHS --batch-size 16 --dim 128 --log-every 1000"
-# teacher, student, the students' train fraction, teacher epochs (a ViT needs more than 20 to be a good teacher here)
-PAIRS=("convnext_mini vit_mini 0.25 20" "vit_mini resnet_mini 0.05 40")
+export OUT=${OUT:-runs/evidence}
+SEEDS=${SEEDS:-0 1 2 3 4}
+JOBS=${JOBS:-2}
+export COMMON="--dataset digits --batch-size 16 --dim 128 --log-every 100000 --workers 0"
+# teacher, student, the students' train fraction, student epochs, configs beyond the main ones (the hypotheses)
+PAIRS=("convnext_mini vit_mini 0.25 100 fofa_channel fofa_gamma4 fofa_gamma16 fofa_official_aligner"
+       "swin_mini resnet_mini 0.05 200 fofa_channel"
+       "convnext_mini resmlp_mini 0.25 100 fofa_channel")
+MAIN="ce kd dkd ofa fitnet raa afp_nofeedback fofa"
+TEACHER_EPOCHS=60
+FOFA="--method fofa --afp-stages 1,2,3,4 --afp-fusion dw --afp-prompt spatial --aligner ours --gamma 1"
 
-done_run() { [ -f "$1/log.jsonl" ] && [ "$(wc -l < "$1/log.jsonl")" -eq "$EPOCHS" ]; }
+flags() {  # the train.py flags of one config
+  case $1 in
+    raa) echo "$FOFA --afp-stages none" ;;                  # Table 4: FitNet + RAA
+    afp_nofeedback) echo "$FOFA --no-feedback" ;;           # + AFP without feedback
+    fofa) echo "$FOFA" ;;                                    # + AFP with feedback (FOFA)
+    fofa_channel) echo "$FOFA --afp-prompt channel" ;;      # H1: the official SE output replaces the feature
+    fofa_gamma4) echo "$FOFA --gamma 4" ;;                   # H2: the regulariser weight (Eq. 8)
+    fofa_gamma16) echo "$FOFA --gamma 16" ;;
+    fofa_official_aligner) echo "$FOFA --aligner official" ;;  # H3: BatchNorm (+ nearest upsampling) aligners
+    *) echo "--method $1" ;;
+  esac
+}
+export -f flags
+export FOFA
 
-for pair in "${PAIRS[@]}"; do
-  read -r teacher student frac tepochs <<< "$pair"
-  tdir=$OUT/teachers/$teacher
-  [ -f "$tdir/best.pt" ] || python train.py $COMMON --epochs "$tepochs" --method ce --student "$teacher" --out "$tdir" \
-    --overwrite | tail -n 1
-  for seed in $SEEDS; do
-    for config in ce kd dkd ofa fitnet raa raa+afp_nofeedback fofa; do
-      case $config in
-        raa) flags="--afp-stages none" ;;                     # Table 4: + RAA
-        raa+afp_nofeedback) flags="--no-feedback" ;;           # Table 4: + AFP without feedback
-        fofa) flags="" ;;                                       # Table 4: + AFP (FOFA)
-        *) flags="--method $config" ;;
-      esac
-      dir=$OUT/$teacher-$student/$config/seed$seed
-      done_run "$dir" && continue
-      echo "$teacher -> $student, $config, seed $seed"
-      python train.py $COMMON $flags --teacher "$teacher" --student "$student" --teacher-ckpt "$tdir/best.pt" \
-        --train-fraction "$frac" --seed "$seed" --out "$dir" --overwrite | tail -n 1
+run() {  # teacher student frac epochs config seed
+  local dir=$OUT/$1-$2/$5/seed$6 t0=$SECONDS resume=--overwrite
+  [ -f "$dir/log.jsonl" ] && [ "$(wc -l < "$dir/log.jsonl")" -ge "$4" ] && return 0
+  [ -f "$dir/last.pt" ] && resume=--resume
+  OMP_NUM_THREADS=1 python train.py $COMMON $(flags "$5") --teacher "$1" --student "$2" --train-fraction "$3" \
+    --epochs "$4" --seed "$6" --teacher-ckpt "$OUT/teachers/$1/best.pt" --out "$dir" $resume > "$dir.out" 2>&1 \
+    || { echo "FAILED: $dir (see $dir.out)"; return 0; }
+  echo -e "$1-$2\t$5\t$6\t$((SECONDS - t0))" >> "$OUT/times.tsv"
+  echo "$1 -> $2 $5 seed $6: $(tail -n 1 "$dir.out" | cut -c1-90) ($((SECONDS - t0)) s)"
+}
+export -f run
+
+mkdir -p "$OUT"
+start=$SECONDS
+for t in $(printf '%s\n' "${PAIRS[@]}" | awk '{print $1}' | sort -u); do  # teachers: whole training split
+  [ -f "$OUT/teachers/$t/best.pt" ] || echo "python train.py $COMMON --method ce --student $t --epochs $TEACHER_EPOCHS \
+    --out $OUT/teachers/$t --overwrite > $OUT/teacher_$t.out 2>&1"
+done | xargs -P "$JOBS" -I{} bash -c 'OMP_NUM_THREADS=1 {}'
+echo "teachers: $((SECONDS - start)) s"
+for seed in $SEEDS; do  # seed-major: every seed completes all configs before the next starts
+  for pair in "${PAIRS[@]}"; do
+    read -r teacher student frac epochs extra <<< "$pair"
+    for config in ${ONLY:-$MAIN $extra}; do
+      [[ " $MAIN $extra " == *" $config "* ]] || continue
+      mkdir -p "$OUT/$teacher-$student/$config"
+      echo "$teacher $student $frac $epochs $config $seed"
     done
   done
-done
+done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
+echo "all runs: $((SECONDS - start)) s; seconds per pair and config (all seeds):"
+awk -F'\t' '{s[$1 " " $2] += $4} END {for (k in s) print k, s[k]}' "$OUT/times.tsv" | sort
 python eval.py --summarize "$OUT"
+python eval.py --summarize "$OUT" --curves "$OUT/curves.png"

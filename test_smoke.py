@@ -277,14 +277,26 @@ def test_conv_backward_flops_count_groups():
         assert bench.flops(lambda: conv(x).sum().backward()) == 3 * forward  # forward, grad input, grad weight
 
 
-def test_summarize_reports_mean_and_std_over_seeds(tmp_path, capsys):
-    for seed, (final, best) in enumerate([(80.0, 82.0), (84.0, 86.0)]):
-        d = tmp_path / 'cnn-vit' / 'fofa' / f'seed{seed}'
-        d.mkdir(parents=True)
-        (d / 'log.jsonl').write_text(json.dumps({'top1': best, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n'
-                                     + json.dumps({'top1': final, 'top1_ema': None, 'teacher_top1': 95.0}) + '\n')
+def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
+    curves = {'kd': [(60.0, 80.0), (62.0, 84.0)], 'fofa': [(70.0, 82.0), (75.0, 86.0)]}  # top-1 at epochs 1-2
+    for config, seeds in curves.items():
+        for seed, accs in enumerate(seeds):
+            d = tmp_path / 'cnn-vit' / config / f'seed{seed}'
+            d.mkdir(parents=True)
+            (d / 'log.jsonl').write_text(''.join(json.dumps({'top1': a, 'top1_ema': None, 'teacher_top1': 95.0,
+                                                             'prompted_teacher_top1': 90.0 + seed}) + '\n'
+                                                 for a in accs))
     evaluate_script.main(['--summarize', str(tmp_path)])
-    assert '| cnn -> vit | 95.00 | fofa | 2 | 82.00 ± 2.83 | 84.00 ± 2.83 |' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'cnn -> vit, teacher top-1 95.00' in out
+    assert '| kd | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | 0.00 ± 0.00 | - | 90.50 ± 0.71 |' in out
+    assert '| fofa | 2 | 84.00 ± 2.83 | 84.00 ± 2.83 | 2.00 ± 0.00 | - | 90.50 ± 0.71 |' in out  # paired: 2, 2
+    png = tmp_path / 'curves.png'
+    evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
+    img = np.asarray(Image.open(png).convert('RGB')).astype(int)
+    assert img.shape == (360, 520, 3)
+    for color in evaluate_script.PALETTE[:2]:  # one line per config
+        assert (np.abs(img - color).sum(-1) == 0).sum() > 50
 
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
@@ -511,7 +523,7 @@ def test_cifar100(fake_cifar, no_download, recipe):
         assert y.dtype == torch.int64 and 0 <= y.min() and y.max() < 100
     if recipe == 'cnn':  # vit's random erasing fills with noise outside [0, 1]
         assert 0 <= x.min() and x.max() <= 1
-    assert [len(y) for _, y in val] == [8, 2]
+    assert [len(y) for _, y in val] == [10]  # evaluation batches are 4x the training batch
     x, y = next(iter(val))
     assert 0 <= x.min() and x.max() <= 1
 
