@@ -917,19 +917,19 @@ def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch,
     safetensors.torch.save_file(weights, tmp_path / 'model.safetensors')
     loaded = train.create('tiny_in1k', 1000, weights=str(tmp_path / 'model.safetensors')).net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
-    train.check_args(train.get_args(['--teacher', 'tiny_in1k', '--student', 'vit_mini', '--teacher-ckpt', 'timm',
-                                     '--out', str(tmp_path / 'run')]))  # the spelling passes the flag checks
-    with pytest.raises(SystemExit) as e:  # digits: 10 classes
-        train.main(['--teacher', 'tiny_in1k', '--student', 'vit_mini', '--teacher-ckpt', 'timm', '--out',
-                    str(tmp_path / 'run')])
+    args = train.get_args(['--teacher', 'tiny_in1k', '--student', 'vit_mini', '--teacher-ckpt', 'timm', '--out',
+                           str(tmp_path / 'run')])
+    train.check_args(args)  # the spelling passes the flag checks, and train.build refuses it for 10 classes
+    with pytest.raises(SystemExit) as e:
+        train.build(args, 10)
     msg = str(e.value.code)
     assert '1000-class' in msg and 'not 10 classes' in msg and msg.endswith('.') and '\n' not in msg
     monkeypatch.setitem(models.MODELS, 'tiny_other', ('resnet18', dict(arch, channels=(8, 8, 8, 16),
                         pretrained_cfg_overlay=dict(file=str(tmp_path / 'in1k.pth')))))
     with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # timm's weights, wrong shape
         train.create('tiny_other', 1000, weights='timm')
-    with pytest.raises(SystemExit, match='mixer_mini has no timm pretrained weights'):  # was silently random
-        train.main(['--student', 'mixer_mini', '--method', 'ce', '--pretrained', '--out', str(tmp_path / 'mx')])
+    with pytest.raises(ValueError, match='mixer_mini has no timm pretrained weights'):  # was silently random
+        train.build(train.get_args(['--student', 'mixer_mini', '--method', 'ce', '--pretrained']), 10)
 
 
 def test_pretrained_offline_stops_with_one_sentence(tmp_path, monkeypatch):
@@ -940,7 +940,8 @@ def test_pretrained_offline_stops_with_one_sentence(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        train.main(['--student', 'resnet18', '--method', 'ce', '--pretrained', '--out', str(tmp_path / 'run')])
+        train.main(['--student', 'resnet18', '--method', 'ce', '--pretrained', '--img-size', '32', '--out',
+                    str(tmp_path / 'run')])
     msg = str(e.value.code)
     assert time.time() - t0 < 30 and msg.endswith('.') and '\n' not in msg, msg
     for words in ('could not fetch', 'timm/resnet18', str(tmp_path / 'hf'), 'pretrained_cfg_overlay', '--teacher-ckpt'):
@@ -949,7 +950,9 @@ def test_pretrained_offline_stops_with_one_sentence(tmp_path, monkeypatch):
 
 
 def test_eval_reads_checkpoint_saver_ema(monkeypatch, capsys):
-    name = timm065_arch(monkeypatch, 'resnet')
-    evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth.tar:ema'), '--img-size', '32',
-                          '--workers', '0'])
+    name, batch = timm065_arch(monkeypatch, 'resnet'), (TIMM065['input'], torch.arange(2))
+    monkeypatch.setattr(evaluate_script.data, 'build_loaders', lambda *a, **k: (None, [batch], None))  # one batch
+    evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth.tar:ema'), '--img-size', '32'])
     assert 'top-1' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='holds no EMA weights'):
+        evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth:ema'), '--img-size', '32'])
