@@ -27,10 +27,9 @@ def accuracy(args):
     nc = data.num_classes(args.dataset, args.data_dir)
     norm = data.NORM[args.dataset] or (None, None)
     try:
-        net = models.create(args.model, nc, mean=norm[0], std=norm[1])
+        net = train.create(args.model, nc, norm, args.ckpt)  # a file, PATH:ema, or 'timm' (ImageNet weights)
     except ValueError as e:
         raise SystemExit(str(e))
-    train.load_weights(args.ckpt, net.net, f'{args.model} ({nc} classes)')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     _, val_loader, _ = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size, workers=args.workers)
     ctx = torch.autocast(device, torch.bfloat16) if args.amp else nullcontext()
@@ -129,7 +128,7 @@ def curves(root, png, w=520, h=360, pad=40):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
-    p.add_argument('--ckpt', help='best.pt / last.pt of a run, or any timm state_dict')
+    p.add_argument('--ckpt', help="best.pt / last.pt of a run, a timm checkpoint (PATH:ema: its EMA), or 'timm'")
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
     p.add_argument('--img-size', type=int, help="default: the model's (224, or 32 for *_mini)")

@@ -131,6 +131,8 @@ def create(name, num_classes, pretrained=False, mean=None, std=None, **kwargs):
     timm_name, defaults = MODELS.get(name, (name, {}))
     kwargs = {**defaults, **kwargs}
     if not isinstance(timm_name, str):  # a class built directly (small MLPs)
+        if pretrained:
+            raise ValueError(f'{name} has no timm pretrained weights: it is built from a timm class, not a timm name.')
         net = timm_name(num_classes=num_classes, **kwargs)
     elif timm.is_model(timm_name):
         net = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)

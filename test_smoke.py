@@ -867,3 +867,139 @@ def test_scalar_float32_and_grad_flows(dtype):
         assert loss.dim() == 0 and loss.dtype == torch.float32
         loss.backward()
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+# ---------------- teacher checkpoints: files written by timm 0.6.5 (tests/fixtures), releases, timm's weights ----
+FIXTURES = os.path.join(HERE, 'tests', 'fixtures')
+FIXTURE_SPEC = json.load(open(os.path.join(FIXTURES, 'fixtures.json')))
+TIMM065 = torch.load(os.path.join(FIXTURES, 'expected.pth'), weights_only=True)  # input and timm 0.6.5's logits
+
+
+def timm065_arch(monkeypatch, family):
+    """Register the fixture's architecture (as timm 0.6.5 built it) under a models.MODELS name: what --teacher takes."""
+    from timm.layers import get_act_layer
+    from timm.models import EfficientNet, MlpMixer, mlp_mixer
+    from timm.models._efficientnet_builder import decode_arch_def
+    spec = FIXTURE_SPEC[family]
+    kw = {k: getattr(mlp_mixer, v) if k in ('block_layer', 'norm_layer') else v for k, v in spec['kwargs'].items()}
+    if family == 'mobilenet':  # timm's block builder consumes the decoded block args: decode them per build
+        arch, act = kw.pop('arch_def'), get_act_layer(kw.pop('act_layer'))
+        model = lambda **k: EfficientNet(decode_arch_def(arch), act_layer=act, **k)
+    else:
+        model = {'MlpMixer': MlpMixer}.get(spec['model'], spec['model'])
+    monkeypatch.setitem(models.MODELS, f'timm065_{family}', (model, kw))
+    return f'timm065_{family}'
+
+
+def teacher_logits(name, weights, classes=10):
+    """Logits of a teacher loaded the way train.build loads --teacher-ckpt."""
+    net = train.create(name, classes, weights=weights).net.eval()
+    with torch.no_grad():
+        return net(TIMM065['input'])
+
+
+def assert_logits(got, want, family):
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * max(1.0, want.abs().max().item()), msg=family)
+
+
+@pytest.mark.parametrize('family', list(FIXTURE_SPEC))
+def test_timm065_checkpoints_give_timm065_logits(family, monkeypatch):
+    name, path = timm065_arch(monkeypatch, family), os.path.join(FIXTURES, family)
+    raw, ema = TIMM065[family]['raw'], TIMM065[family]['ema']
+    assert (raw - ema).abs().max() > 1e-2  # the fixture can tell which weights were loaded
+    assert_logits(teacher_logits(name, path + '.pth'), raw, family)  # plain state_dict
+    assert_logits(teacher_logits(name, path + '.pth.tar'), raw, family)  # CheckpointSaver: its raw state_dict
+    assert_logits(teacher_logits(name, path + '.pth.tar:ema'), ema, family)  # ... and its state_dict_ema
+    with pytest.raises(SystemExit, match='holds no EMA weights'):
+        teacher_logits(name, path + '.pth:ema')
+
+
+def test_official_release_formats_load(tmp_path, monkeypatch):
+    """Facebook's ConvNeXt ({'model': ...}, downsample_layers.* and pwconv names), DeiT's and Swin's ({'model': ...};
+    timm 0.6.5's Swin names are the original Swin's) go through timm's own filters."""
+    fb_names = [('downsample_layers.0.', 'stem.'), (r'stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
+                (r'stages\.(\d+)\.blocks\.', r'stages.\1.'), ('conv_dw', 'dwconv'), (r'mlp\.fc', 'pwconv'),
+                (r'^head\.norm', 'norm'), (r'^head\.fc', 'head')]
+    import re
+    sd = torch.load(os.path.join(FIXTURES, 'convnext.pth'), weights_only=True)
+    for a, b in fb_names[1:]:
+        sd = {re.sub(a, b, k): v for k, v in sd.items()}
+    sd = {re.sub(r'^stem\.', fb_names[0][0], k): v for k, v in sd.items()}
+    assert any(k.startswith('downsample_layers.1.') for k in sd) and 'head.weight' in sd and 'norm.weight' in sd
+    for family, state in (('convnext', sd), ('vit', None), ('swin', None)):
+        state = state or torch.load(os.path.join(FIXTURES, f'{family}.pth'), weights_only=True)
+        torch.save({'model': state, 'epoch': 299}, tmp_path / f'{family}_release.pth')
+        got = teacher_logits(timm065_arch(monkeypatch, family), str(tmp_path / f'{family}_release.pth'))
+        assert_logits(got, TIMM065[family]['raw'], family)
+
+
+def test_checkpoint_saver_args_are_allowed_but_nothing_else(tmp_path, monkeypatch):
+    name = timm065_arch(monkeypatch, 'convnext')
+    with pytest.raises(pickle.UnpicklingError):  # timm 0.6.5's file: plain weights_only=True refuses its Namespace
+        torch.load(os.path.join(FIXTURES, 'convnext.pth.tar'), weights_only=True)
+    assert_logits(teacher_logits(name, os.path.join(FIXTURES, 'convnext.pth.tar')), TIMM065['convnext']['raw'], 'cnx')
+    import argparse
+    sd = torch.load(os.path.join(FIXTURES, 'convnext.pth'), weights_only=True)
+    torch.save({'state_dict': sd, 'args': argparse.Namespace(model=CodePayload(tmp_path / 'ran'))}, tmp_path / 'p.tar')
+    with pytest.raises(SystemExit, match='pickled code') as e:
+        train.create(name, 10, weights=str(tmp_path / 'p.tar'))
+    assert not (tmp_path / 'ran').exists() and str(e.value.code).endswith('.')
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed while loading only
+
+
+def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch, capsys):
+    """'--teacher-ckpt timm' goes through timm.create_model(pretrained=True); offline, timm's pretrained config overlay
+    points it at a local file instead of the Hugging Face hub."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # nothing may touch the network
+    arch = dict(layers=(1, 1, 1, 1), channels=(4, 8, 8, 16), stem_type='deep', stem_width=4)
+    torch.manual_seed(3)
+    weights = models.create('resnet18', 1000, **arch).net.state_dict()
+    torch.save(weights, tmp_path / 'in1k.pth')
+    monkeypatch.setitem(models.MODELS, 'tiny_in1k', ('resnet18', dict(arch, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / 'in1k.pth')))))
+    loaded = train.create('tiny_in1k', 1000, weights='timm').net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    import safetensors.torch  # the hub's own file (model.safetensors) given as --teacher-ckpt works as well
+    safetensors.torch.save_file(weights, tmp_path / 'model.safetensors')
+    loaded = train.create('tiny_in1k', 1000, weights=str(tmp_path / 'model.safetensors')).net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    args = train.get_args(['--teacher', 'tiny_in1k', '--student', 'vit_mini', '--teacher-ckpt', 'timm', '--out',
+                           str(tmp_path / 'run')])
+    train.check_args(args)  # the spelling passes the flag checks, and train.build refuses it for 10 classes
+    with pytest.raises(SystemExit) as e:
+        train.build(args, 10)
+    msg = str(e.value.code)
+    assert '1000-class' in msg and 'not 10 classes' in msg and msg.endswith('.') and '\n' not in msg
+    monkeypatch.setitem(models.MODELS, 'tiny_other', ('resnet18', dict(arch, channels=(8, 8, 8, 16),
+                        pretrained_cfg_overlay=dict(file=str(tmp_path / 'in1k.pth')))))
+    with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # timm's weights, wrong shape
+        train.create('tiny_other', 1000, weights='timm')
+    with pytest.raises(ValueError, match='mixer_mini has no timm pretrained weights'):  # was silently random
+        train.build(train.get_args(['--student', 'mixer_mini', '--method', 'ce', '--pretrained']), 10)
+
+
+def test_pretrained_offline_stops_with_one_sentence(tmp_path, monkeypatch):
+    import time
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))  # empty cache
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        train.main(['--student', 'resnet18', '--method', 'ce', '--pretrained', '--img-size', '32', '--out',
+                    str(tmp_path / 'run')])
+    msg = str(e.value.code)
+    assert time.time() - t0 < 30 and msg.endswith('.') and '\n' not in msg, msg
+    for words in ('could not fetch', 'timm/resnet18', str(tmp_path / 'hf'), 'pretrained_cfg_overlay', '--teacher-ckpt'):
+        assert words in msg, (words, msg)
+    assert not (tmp_path / 'run').exists()
+
+
+def test_eval_reads_checkpoint_saver_ema(monkeypatch, capsys):
+    name, batch = timm065_arch(monkeypatch, 'resnet'), (TIMM065['input'], torch.arange(2))
+    monkeypatch.setattr(evaluate_script.data, 'build_loaders', lambda *a, **k: (None, [batch], None))  # one batch
+    evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth.tar:ema'), '--img-size', '32'])
+    assert 'top-1' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='holds no EMA weights'):
+        evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth:ema'), '--img-size', '32'])

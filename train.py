@@ -15,9 +15,12 @@ import json
 import math
 import os
 import pickle
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 
+import huggingface_hub
+import safetensors.torch
 import timm
 import timm.optim
 import torch
@@ -87,7 +90,7 @@ def parser():
     a('--out', default='runs/last', help='run directory')
     a('--resume', action='store_true', help='continue the run in --out from its last.pt')
     a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
-    a('--teacher-ckpt', help='fine-tuned teacher weights (a timm state_dict or a common wrapper of one)')
+    a('--teacher-ckpt', help="teacher weights: a timm state_dict or checkpoint (PATH:ema: its EMA), or 'timm'")
     a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
     a('--teacher-epochs', type=int, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
@@ -117,7 +120,7 @@ def check_args(args):
     k = math.isqrt(max(args.nq, 0) // 4)
     if args.nq < 4 or 4 * k * k != args.nq:
         raise SystemExit(f'--nq {args.nq} is not 4*k*k: each of the 4 stages must be a k x k grid (36, 64, 100, 144).')
-    if args.teacher_ckpt and not os.path.isfile(args.teacher_ckpt):
+    if args.teacher_ckpt not in (None, 'timm') and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
         raise SystemExit(f'--teacher-ckpt {args.teacher_ckpt} does not exist.')
     last = os.path.join(args.out, 'last.pt')
     if args.resume and not os.path.isfile(last):
@@ -149,23 +152,27 @@ def family_recipe(name):
 
 
 def load_weights(path, net, what):
-    """A state_dict (or our checkpoint, or a {'state_dict'|'model': ...} wrapper) into a timm model, checked."""
+    """A state_dict of any timm >= 0.6.5, an official release or a timm CheckpointSaver file (its raw weights; PATH:ema
+    for its EMA ones), or our best.pt, into a timm model: renamed by timm's own filter for the family, then checked."""
+    ema, path = path.endswith(':ema'), path.removesuffix(':ema')
     try:
-        ck = torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # CheckpointSaver's args; nothing else
+            ck = safetensors.torch.load_file(path) if path.endswith('.safetensors') else torch.load(
+                path, map_location='cpu', weights_only=True)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # a class or function: code, not weights
             raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with '
                              'weights_only=True); save its state_dict alone and use that.')
         raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated or '
                          'another kind of file, so download or save it again.')
-    for key in ('student', 'state_dict', 'model', 'model_ema'):
-        if isinstance(ck, dict) and isinstance(ck.get(key), dict):
-            ck = ck[key]
-            break
+    keys = ('state_dict_ema', 'model_ema') if ema else ('student', 'state_dict', 'model', 'model_ema')
+    ck = next((ck[k] for k in keys if isinstance(ck, dict) and isinstance(ck.get(k), dict)), None if ema else ck)
     if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):
-        raise SystemExit(f'{path} is not a state_dict of tensors.')
+        raise SystemExit(f'{path} ' + ('holds no EMA weights.' if ema else 'is not a state_dict of tensors.'))
     ck = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in ck.items()}
-    own = net.state_dict()
+    own, convert = net.state_dict(), getattr(sys.modules[type(net).__module__], 'checkpoint_filter_fn', None)
+    with suppress(KeyError, AttributeError, RuntimeError):  # timm's renaming fails on another family: reported below
+        ck = convert(ck, net) if convert and ck.keys() != own.keys() else ck
     missing, extra = own.keys() - ck.keys(), ck.keys() - own.keys()
     if missing or extra:
         raise SystemExit(f'{path} is not a {what} checkpoint: {len(missing)} weights missing, {len(extra)} unexpected '
@@ -178,22 +185,34 @@ def load_weights(path, net, what):
     net.load_state_dict(ck)
 
 
+def create(name, num_classes, norm=(None, None), weights=None):
+    """models.create with weights: None (random), True (timm's ImageNet weights, a new head below 1000 classes), 'timm'
+    (timm's whole ImageNet classifier) or a file for load_weights. Weights that timm cannot fetch end the run."""
+    if weights == 'timm' and num_classes != 1000:
+        raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not {num_classes} classes: "
+                         'pass a fine-tuned checkpoint file instead.')
+    try:
+        net = models.create(name, num_classes, weights in (True, 'timm'), mean=norm[0], std=norm[1])
+    except OSError as e:  # offline and not cached: huggingface_hub's LocalEntryNotFoundError, urllib's URLError
+        cfg = timm.models.get_pretrained_cfg(models.MODELS.get(name, (name,))[0])
+        raise SystemExit(f'timm could not fetch the ImageNet weights of {name} ({type(e).__name__}): it looked for '
+                         f'{cfg.hf_hub_id or cfg.url} in {huggingface_hub.constants.HF_HUB_CACHE} and '
+                         f'{torch.hub.get_dir()}; fetch them once online (or copy that cache here), give timm the file '
+                         'with pretrained_cfg_overlay=dict(file=PATH) in models.MODELS, or pass it to --teacher-ckpt.')
+    except RuntimeError as e:  # no timm weights for this name, or not of its shape (the *_mini models)
+        raise SystemExit(f'timm has no ImageNet weights that fit {name}: {str(e).splitlines()[0].rstrip(".: ")}.')
+    if weights not in (None, True, 'timm'):
+        load_weights(weights, net.net, f'{name} ({num_classes} classes)')
+    return net
+
+
 def build(args, num_classes):
     """The trainable module for --method, holding the frozen teacher (FitNet = FOFA without RAA and AFP)."""
     norm = data.NORM[args.dataset] or (None, None)
-    try:
-        student = models.create(args.student, num_classes, pretrained=args.pretrained and args.method == 'ce',
-                                mean=norm[0], std=norm[1])
-    except ValueError:
-        raise
-    except Exception as e:  # offline, or no timm weights for this model
-        print(f'could not fetch timm ImageNet weights for {args.student} ({type(e).__name__}): from scratch')
-        student = models.create(args.student, num_classes, mean=norm[0], std=norm[1])
+    student = create(args.student, num_classes, norm, args.pretrained and args.method == 'ce' or None)
     if args.method == 'ce':
         return Distiller(student, label_smoothing=args.smoothing)
-    teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
-    if args.teacher_ckpt:  # (bench.py times random teachers)
-        load_weights(args.teacher_ckpt, teacher.net, f'{args.teacher} ({num_classes} classes)')
+    teacher = create(args.teacher, num_classes, norm, args.teacher_ckpt)  # (bench.py times random teachers)
     common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
     hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
     emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
