@@ -91,14 +91,14 @@ def summarize(root):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
     p.add_argument('--ckpt', help='best.pt / last.pt of a run, or any timm state_dict')
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
-    p.add_argument('--img-size', type=int, help="default: the model's (224, or 32 for *_mini)")
-    p.add_argument('--batch-size', type=int, default=100)
-    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224, or 32 for *_mini)")
+    p.add_argument('--batch-size', type=train.COUNT, default=100)
+    p.add_argument('--workers', type=train.NATURAL, default=4)
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as in training with --amp)')
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
     p.add_argument('--summarize', metavar='DIR', help='table of the runs under DIR (see evidence.sh)')

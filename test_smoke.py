@@ -336,11 +336,11 @@ def user_error_cases(tmp_path):
     torch.save({'state_dict': CodePayload(tmp_path / 'payload_ran')}, payload)
     empty = tmp_path / 'empty'
     empty.mkdir()
+    teachers = ['--teacher-dir', str(tmp_path / 'teachers')]  # must stay absent: no teacher is trained
     ok = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', t, '--epochs', '1']
-    return [  # (argv, words the one-sentence message must contain)
+    return [  # (argv, words the one-sentence message must contain); argv[0] names eval.py or bench.py, else train.py
         (['--teacher', 'convnext_typo', '--student', 'vit_mini'], 'unknown model'),
         (['--teacher', 'convnext_mini', '--student', 'vit_typo'], 'unknown model'),
-        (ok + ['--nq', '50'], '4*k*k'),
         (ok + ['--afp-stages', '1,5'], 'afp-stages'),
         (ok + ['--afp-stages', 'first'], 'afp-stages'),
         (ok + ['--method', 'ofa', '--ofa-stages', '1,x'], 'ofa-stages'),
@@ -352,38 +352,71 @@ def user_error_cases(tmp_path):
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(payload)], 'pickled code'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(tmp_path / 'nowhere')], 'not found'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(empty)], 'train/<class>'),
-        (ok + ['--batch-size', '0'], 'at least 1'),
-        (ok + ['--epochs', '0'], 'at least 1'),
-        (ok + ['--resume'], 'no checkpoint'),
-        (ok, 'already holds a run'),
+        (ok + ['--out', str(tmp_path / 'fresh'), '--resume'], 'no checkpoint'),
+        (ok + ['--out', str(tmp_path / 'finished')], 'already holds a run'),
         (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
-        (ok + ['--dataset', 'mnist'], 'unknown --dataset'),
+        (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
         (ok + ['--method', 'magic'], 'unknown --method'),
+        (ok + ['--no-such-flag'], 'unrecognized arguments'),
+        # 2. numbers out of range, refused where they are parsed, with the range
+        (ok + ['--nq', '50'], '4*k*k'),
+        (ok + ['--batch-size', '0'], '--batch-size: \'0\' is not an integer >= 1'),
+        (ok + ['--epochs', '2.5'], '--epochs: \'2.5\' is not an integer >= 1'),
+        (ok + ['--lr', 'nan'], '--lr: \'nan\' is not a number > 0'),
+        (ok + ['--lr', '-0.1'], 'is not a number > 0'),
+        (ok + ['--wd', 'inf'], '--wd: \'inf\' is not a number >= 0'),
+        (ok + ['--ema', '1'], '--ema: \'1\' is not in [0, 1)'),
+        (ok + ['--train-fraction', '0'], 'is not in (0, 1]'),
+        (ok + ['--warmup-epochs', '-1'], '--warmup-epochs'),
+        (ok + ['--alpha', '-1'], '--alpha'),
+        (ok + ['--gamma', 'nan'], '--gamma'),
+        (ok + ['--kd-t', '0'], '--kd-t'),
+        (ok + ['--method', 'dkd', '--dkd', '1', '8', '0'], 'temperatures'),
+        (ok + ['--method', 'dist', '--dist', '1', '-1', '1'], '--dist'),
+        (ok + ['--ofa-eps', '0'], '--ofa-eps'),
+        (ok + ['--dim', '100'], 'a positive multiple of 8'),
+        (ok + ['--workers', '-1'], '--workers'),
+        (ok + ['--log-every', '0'], '--log-every'),
+        (ok + ['--seed', '-3'], '--seed'),
+        (ok + ['--img-size', '0'], '--img-size'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-epochs', '0'] + teachers, '--teacher-epochs'),
+        # 5. eval.py and bench.py
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--batch-size', '0'], '--batch-size'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--workers', 'two'], '--workers'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--dataset', 'mnist'], '--dataset'),
+        (['bench.py'] + ok + ['--methods', 'ce,magic'], '--methods'),
+        (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
+        (['bench.py'] + ok + ['--steps', '0'], '--steps'),
+        (['bench.py'] + ok + ['--warmup', '-1'], '--warmup'),
     ]
 
 
 def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
     import time
+    import bench
     finished = tmp_path / 'finished'
     finished.mkdir()
     train.save({'epoch': 1}, str(finished / 'last.pt'))
     (finished / 'log.jsonl').write_text('{"epoch": 1}\n')
-    snapshot = {f: (finished / f).read_bytes() for f in os.listdir(finished)}
-    for argv, words in user_error_cases(tmp_path):
-        if words == 'no checkpoint':
-            out = ['--out', str(tmp_path / 'fresh')]
-        elif words == 'already holds a run':
-            out = ['--out', str(finished)]
-        else:  # even with --overwrite, a failing run must not touch the existing one
-            out = ['--out', str(finished), '--overwrite']
+    cases = user_error_cases(tmp_path)
+    snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+    before = snapshot()
+    mains = {'eval.py': evaluate_script.main, 'bench.py': bench.main}
+    assert len(cases) >= 40
+    for argv, words in cases:
+        main = mains.get(argv[0], train.main)
+        if argv[0] in mains:
+            argv = argv[1:]
+        if main is not evaluate_script.main and '--out' not in argv:
+            argv = argv + ['--out', str(finished), '--overwrite']  # a failing run must not touch the existing one
         t0 = time.time()
         with pytest.raises(SystemExit) as e:
-            train.main(argv + out)
+            main(argv)
         msg = str(e.value.code)
         assert words in msg and '\n' not in msg and msg.endswith('.'), (argv, msg)
         assert time.time() - t0 < 20, argv
-        assert {f: (finished / f).read_bytes() for f in os.listdir(finished)} == snapshot, argv
-    assert not (tmp_path / 'fresh').exists() and not (tmp_path / 'payload_ran').exists()
+        assert snapshot() == before, argv  # nothing written, nothing touched, anywhere under tmp_path
+    assert not (tmp_path / 'payload_ran').exists()
 
 
 def test_user_error_exits_nonzero_without_traceback(tmp_path):

@@ -11,6 +11,7 @@ order and augmentation of an epoch depend only on (seed, epoch), so a resumed ru
 exactly and ends with the same weights as an uninterrupted one.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,52 +43,72 @@ CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence and exit code 1 (argparse's own: usage, then the error, code 2)
+        raise SystemExit(message.removeprefix('argument ').rstrip('.') + '.')
+
+
+def ranged(kind, accepted, ok):  # an argparse type: a finite int or float for which ok(value) holds
+    def parse(text):
+        with contextlib.suppress(ValueError, OverflowError):
+            if math.isfinite(v := kind(text)) and ok(v):
+                return v
+        raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
+    return parse
+
+
+COUNT, NATURAL = ranged(int, 'an integer >= 1', lambda v: v >= 1), ranged(int, 'an integer >= 0', lambda v: v >= 0)
+POSITIVE, NONNEG = ranged(float, 'a number > 0', lambda v: v > 0), ranged(float, 'a number >= 0', lambda v: v >= 0)
+DECAY, FRACTION = ranged(float, 'in [0, 1)', lambda v: 0 <= v < 1), ranged(float, 'in (0, 1]', lambda v: 0 < v <= 1)
+
+
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--teacher', help='teacher model (models.MODELS or a timm name); needed by every method but ce')
     a('--student', required=True, help='student model')
-    a('--dataset', default='digits', help='cifar100, imagenet or digits (offline)')
+    a('--dataset', default='digits', choices=data.DATASETS, help='digits is offline')
     a('--data-dir', default='data', help='dataset root')
     a('--method', default='fofa', help=', '.join(METHODS))
-    a('--nq', type=int, default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
-    a('--dim', type=int, default=512, help='FOFA: RAA token width d')
+    a('--nq', type=ranged(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)', lambda v: v == 4 * math.isqrt(
+      v // 4) ** 2 > 0), default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
+    a('--dim', type=ranged(int, 'a positive multiple of 8', lambda v: v % 8 == 0 < v), default=512, help='RAA width d')
     a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
     a('--afp-fusion', default='dw', choices=('dw', 'full'), help="FOFA: the fusion block's 5x5 conv: depthwise, or "
       "full as in the official code")
-    a('--alpha', type=float, default=1.0, help='weight of KD (Eq. 8)')
-    a('--beta', type=float, default=1.0, help='weight of the feature loss (Eq. 8)')
-    a('--gamma', type=float, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
-    a('--kd-t', type=float, default=1.0, help='KD temperature')
-    a('--dkd', type=float, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
-    a('--dist', type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
-    a('--ofa-eps', type=float, default=1.0, help='OFA modulating exponent epsilon')
+    a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
+    a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
+    a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
+    a('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
+    a('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
+    a('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
+    a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
-    a('--epochs', type=int, default=30)
-    a('--batch-size', type=int, default=64, help='per process; the global batch is this times the world size')
-    a('--lr', type=float, help='peak learning rate (default: the recipe\'s)')
+    a('--epochs', type=COUNT, default=30)
+    a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
+    a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
     a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
-    a('--wd', type=float, help='weight decay (default: the recipe\'s)')
-    a('--warmup-epochs', type=float, help='linear warm-up (default: the recipe\'s share of --epochs)')
+    a('--wd', type=NONNEG, help='weight decay (default: the recipe\'s)')
+    a('--warmup-epochs', type=NONNEG, help='linear warm-up (default: the recipe\'s share of --epochs)')
     a('--recipe', choices=list(RECIPES), help="augmentation and optimizer preset (default: by the student's family)")
-    a('--ema', type=float, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
-    a('--img-size', type=int, help='input size (default: the student\'s, 224 or 32 for *_mini)')
-    a('--train-fraction', type=float, default=1.0, help='digits: use a fixed stratified part of the train split')
+    a('--ema', type=DECAY, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
+    a('--img-size', type=COUNT, help='input size (default: the student\'s, 224 or 32 for *_mini)')
+    a('--train-fraction', type=FRACTION, default=1.0, help='digits: use a fixed stratified part of the train split')
     a('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     a('--compile', action='store_true', help='torch.compile the student and the teacher')
     a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    a('--workers', type=int, default=4)
-    a('--seed', type=int, default=0)
+    a('--workers', type=NATURAL, default=4)
+    a('--seed', type=ranged(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0)
     a('--out', default='runs/last', help='run directory')
     a('--resume', action='store_true', help='continue the run in --out from its last.pt')
     a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
     a('--teacher-ckpt', help='fine-tuned teacher weights (a timm state_dict or a common wrapper of one)')
     a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
-    a('--teacher-epochs', type=int, help='epochs when the teacher is trained here (default: --epochs)')
+    a('--teacher-epochs', type=COUNT, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
-    a('--log-every', type=int, default=50, help='steps between progress lines')
+    a('--log-every', type=COUNT, default=50, help='steps between progress lines')
     return p
 
 
@@ -97,8 +118,6 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every mistake a user can make in the flags, caught before anything is built or written."""
-    if args.dataset not in data.DATASETS:
-        raise SystemExit(f"unknown --dataset '{args.dataset}': choose one of {', '.join(data.DATASETS)}.")
     if args.method not in METHODS:
         raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
     if args.method != 'ce' and not args.teacher:
@@ -106,13 +125,10 @@ def check_args(args):
     for name in filter(None, (args.student, args.teacher if args.method != 'ce' else None)):
         if name not in models.MODELS and not timm.is_model(name):
             raise SystemExit(f"unknown model '{name}': use one of {', '.join(models.MODELS)} or a timm model name.")
-    if args.batch_size < 1 or args.epochs < 1:
-        raise SystemExit('--batch-size and --epochs must be at least 1.')
     args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
-    k = math.isqrt(max(args.nq, 0) // 4)
-    if args.nq < 4 or 4 * k * k != args.nq:
-        raise SystemExit(f'--nq {args.nq} is not 4*k*k: each of the 4 stages must be a k x k grid (36, 64, 100, 144).')
+    if min(args.dkd[2], args.dist[2]) <= 0:
+        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
     if args.teacher_ckpt and not os.path.isfile(args.teacher_ckpt):
         raise SystemExit(f'--teacher-ckpt {args.teacher_ckpt} does not exist.')
     last = os.path.join(args.out, 'last.pt')
@@ -127,14 +143,11 @@ def stage_list(text, flag, allow_none=False):
     text = text.strip().lower()
     if allow_none and text in ('none', ''):
         return ()
-    try:
-        stages = tuple(sorted({int(s) for s in text.split(',')}))
-    except ValueError:
-        stages = ()
-    if not stages or not set(stages) <= {1, 2, 3, 4}:
+    stages = {int(s) if s.strip().isdecimal() else 0 for s in text.split(',')}
+    if not stages <= {1, 2, 3, 4}:
         raise SystemExit(f"{flag} '{text}' is not a comma list of stages 1-4 (e.g. 1,2,3,4)"
                          + (" or 'none'." if allow_none else '.'))
-    return stages
+    return tuple(sorted(stages))
 
 
 def family_recipe(name):
