@@ -125,8 +125,11 @@ def main(argv=None):
     args.method = 'kd' if args.teacher else 'ce'  # --method is ignored: checked as a pair with or without a teacher
     args.overwrite = True  # bench writes nothing to --out
     train.check_args(args)
-    args.recipe = args.recipe or train.family_recipe(args.student)
     args.img_size = args.img_size or train.models.INPUT_SIZE.get(args.student, 224)
+    if args.teacher:
+        train.family_recipe(args.teacher, args.img_size, 'teacher')
+    recipe = train.family_recipe(args.student, args.img_size)
+    args.recipe = args.recipe or recipe
     args.smoothing, args.teacher_ckpt = 0.1, None
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cpu':

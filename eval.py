@@ -23,12 +23,10 @@ import train
 
 def accuracy(args):
     img_size = args.img_size or models.INPUT_SIZE.get(args.model, 224)
+    train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
     nc = data.num_classes(args.dataset, args.data_dir)
     norm = data.NORM[args.dataset] or (None, None)
-    try:
-        net = models.create(args.model, nc, mean=norm[0], std=norm[1])
-    except ValueError as e:
-        raise SystemExit(str(e))
+    net = models.create(args.model, nc, mean=norm[0], std=norm[1])
     train.load_weights(args.ckpt, net.net, f'{args.model} ({nc} classes)')
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     _, val_loader, _ = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size, workers=args.workers)

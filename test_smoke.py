@@ -358,6 +358,13 @@ def user_error_cases(tmp_path):
         (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
         (ok + ['--method', 'magic'], 'unknown --method'),
         (ok + ['--no-such-flag'], 'unrecognized arguments'),
+        # 1. input size against the models: probed before anything is written, naming the model and its size
+        (ok + ['--img-size', '30'], 'does not fit the teacher convnext_mini'),
+        (['--teacher', 'deit_t', '--student', 'vit_mini'] + teachers, 'does not fit the teacher deit_t'),
+        (['--teacher', 'vit_mini', '--student', 'resnet_mini', '--img-size', '64'] + teachers, 'it takes 32'),
+        (['--teacher', 'resnet_mini', '--student', 'swin_mini', '--img-size', '48'] + teachers,
+         'does not fit the student swin_mini'),
+        (['--student', 'convnext_mini', '--method', 'ce', '--img-size', '8'], 'Kernel size'),  # below 1 px
         # 2. numbers out of range, refused where they are parsed, with the range
         (ok + ['--nq', '50'], '4*k*k'),
         (ok + ['--batch-size', '0'], '--batch-size: \'0\' is not an integer >= 1'),
@@ -381,6 +388,8 @@ def user_error_cases(tmp_path):
         (ok + ['--img-size', '0'], '--img-size'),
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-epochs', '0'] + teachers, '--teacher-epochs'),
         # 5. eval.py and bench.py
+        (['eval.py', '--ckpt', t, '--model', 'convnext_typo'], 'unknown model'),
+        (['eval.py', '--ckpt', t, '--model', 'vit_mini', '--img-size', '64'], 'does not fit the model vit_mini'),
         (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--batch-size', '0'], '--batch-size'),
         (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--workers', 'two'], '--workers'),
         (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--dataset', 'mnist'], '--dataset'),
@@ -388,6 +397,7 @@ def user_error_cases(tmp_path):
         (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),
         (['bench.py'] + ok + ['--warmup', '-1'], '--warmup'),
+        (['bench.py'] + ok + ['--img-size', '30'], 'does not fit'),
     ]
 
 

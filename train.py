@@ -122,9 +122,6 @@ def check_args(args):
         raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
     if args.method != 'ce' and not args.teacher:
         raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train without one).')
-    for name in filter(None, (args.student, args.teacher if args.method != 'ce' else None)):
-        if name not in models.MODELS and not timm.is_model(name):
-            raise SystemExit(f"unknown model '{name}': use one of {', '.join(models.MODELS)} or a timm model name.")
     args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
     if min(args.dkd[2], args.dist[2]) <= 0:
@@ -150,11 +147,18 @@ def stage_list(text, flag, allow_none=False):
     return tuple(sorted(stages))
 
 
-def family_recipe(name):
+def family_recipe(name, img_size, role='student'):
+    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only: no memory, no time)."""
     try:
-        return 'cnn' if models.create(name, 1).family in CNN_FAMILIES else 'vit'
-    except ValueError as e:
+        with torch.device('meta'):
+            net = models.create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:  # an unknown model, or not one of models.FAMILIES
         raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 pixel
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({str(e).splitlines()[0].rstrip(".")}'
+                         f'): it takes {models.INPUT_SIZE.get(name) or net.net.pretrained_cfg["input_size"][-1]}.')
+    return 'cnn' if net.family in CNN_FAMILIES else 'vit'
 
 
 def load_weights(path, net, what):
@@ -401,7 +405,7 @@ def teacher_checkpoint(args, ddp_rank, world, device):
                           str(args.train_fraction), '--overwrite', '--log-every', str(args.log_every)]
                          + ['--pretrained'] * args.pretrained + ['--amp'] * bool(args.amp))
         check_args(targs)
-        targs.recipe = family_recipe(args.teacher)
+        targs.recipe = family_recipe(args.teacher, args.img_size)
         if ddp_rank == 0:
             print(f'no teacher in {path}: training {args.teacher} with --method ce first')
         train(targs, ddp_rank, world, device)
@@ -415,16 +419,16 @@ def teacher_checkpoint(args, ddp_rank, world, device):
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
-    args.recipe = args.recipe or family_recipe(args.student)
     args.img_size = args.img_size or models.INPUT_SIZE.get(args.student, 224)
+    recipe = [family_recipe(getattr(args, r), args.img_size, r) for r in ('teacher', 'student')[args.method == 'ce':]]
+    args.recipe = args.recipe or recipe[-1]  # the student's
     world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     if device != 'cpu':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.amp is None:
-        args.amp = device != 'cpu'
+    args.amp = device != 'cpu' if args.amp is None else args.amp
     if world > 1:
         dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
     if args.method != 'ce' and not args.teacher_ckpt:
