@@ -43,7 +43,7 @@ COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [2
 def draw_attention(args):
     """RAA's attention over a validation batch, averaged over images and heads: row = query, column = key, both in
     (stage, patch) order, stage boundaries in white. Needs the last.pt of a FOFA run (it holds RAA's weights)."""
-    ck = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+    ck = train.read_checkpoint(args.ckpt, '--ckpt')
     run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
     vars(run).update(ck.get('args', {}))
     if getattr(run, 'method', None) != 'fofa' or getattr(run, 'no_raa', True) or 'model' not in ck:
@@ -63,6 +63,7 @@ def draw_attention(args):
     img = np.kron(rgb, np.ones((cell, cell, 1)))
     for b in range(1, 4):  # stage boundaries
         img[b * n // 4 * cell - 1, :] = img[:, b * n // 4 * cell - 1] = 255
+    os.makedirs(os.path.dirname(os.path.abspath(args.attn)), exist_ok=True)
     Image.fromarray(img.astype(np.uint8)).save(args.attn)
     print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries in 4 stages')
 
@@ -77,6 +78,8 @@ def summarize(root):
         runs[pair, config].append((recs[-1]['top1'], max(max(r['top1'], r['top1_ema'] or 0) for r in recs)))
         if recs[-1].get('teacher_top1') is not None:
             teacher[pair] = recs[-1]['teacher_top1']
+    if not runs:
+        raise SystemExit(f'--summarize {root} holds no runs: expected {root}/<pair>/<config>/<seed>/log.jsonl files.')
     ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}'
     lines = ['| teacher -> student | teacher top-1 | config | seeds | final top-1 | best top-1 |',
              '|---|---|---|---|---|---|']
@@ -102,10 +105,13 @@ def main(argv=None):
     p.add_argument('--summarize', metavar='DIR', help='table of the runs under DIR (see evidence.sh)')
     args = p.parse_args(argv)
     if args.summarize:
-        return summarize(args.summarize)
+        return summarize(train.check_path('--summarize', args.summarize, 'runs directory'))
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')
+    train.check_path('--ckpt', args.ckpt, 'checkpoint file')
+    train.check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
     if args.attn:
+        train.check_path('--attn', args.attn, 'PNG file', new=True)
         return draw_attention(args)
     if not args.model:
         raise SystemExit('--model is needed: the architecture of the checkpoint.')

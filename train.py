@@ -126,13 +126,36 @@ def check_args(args):
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
     if min(args.dkd[2], args.dist[2]) <= 0:
         raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
-    if args.teacher_ckpt and not os.path.isfile(args.teacher_ckpt):
-        raise SystemExit(f'--teacher-ckpt {args.teacher_ckpt} does not exist.')
+    check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
     if args.resume and not os.path.isfile(last):
         raise SystemExit(f'--resume: there is no checkpoint {last} to resume from.')
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+    check_path('--teacher-ckpt', args.teacher_ckpt, 'checkpoint file')
+    check_path('--teacher-dir', None if args.teacher_ckpt or args.method == 'ce' else args.teacher_dir, 'directory', 1)
+    check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
+
+
+def check_path(flag, path, what, new=False):
+    """path (or None) if an existing `what` ('... file' or '... directory') or, if new, makeable; else one sentence."""
+    up, kind = path and os.path.abspath(path), 'directory' if path and os.path.isdir(path) else 'file'
+    while new and up and not os.path.exists(up):
+        up = os.path.dirname(up)
+    problem = path and (f'is a {kind}, not a {what}' if os.path.exists(path) and not what.endswith(kind) else
+                        f'does not exist: give an existing {what}' if not os.path.exists(up) else
+                        f'cannot be made: {up} is not a writable directory' if up != os.path.abspath(path) and not
+                        (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)) else None)
+    if problem:
+        raise SystemExit(f'{flag} {path} {problem}.')
+    return path
+
+
+def read_checkpoint(path, flag):
+    try:  # weights only, memory-mapped: cheap even for a large last.pt
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
+        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): save it again.')
 
 
 def stage_list(text, flag, allow_none=False):
