@@ -338,6 +338,15 @@ def user_error_cases(tmp_path):
     empty.mkdir()
     teachers = ['--teacher-dir', str(tmp_path / 'teachers')]  # must stay absent: no teacher is trained
     ok = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', t, '--epochs', '1']
+    # a run to resume: last.pt holds the args of `ok` as train.main completes them (no training needed)
+    run = train.get_args(ok + ['--out', str(tmp_path / 'resumable')])
+    train.check_args(run)
+    vars(run).update(recipe='vit', img_size=32, amp=False, opt='adamw', lr=5e-4, wd=0.05, warmup_epochs=1 / 15)
+    (tmp_path / 'resumable').mkdir()
+    train.save({'epoch': 1, 'args': vars(run)}, str(tmp_path / 'resumable' / 'last.pt'))
+    resume = ok + ['--resume', '--out', str(tmp_path / 'resumable')]
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'last.pt').write_bytes(truncated.read_bytes())
     return [  # (argv, words the one-sentence message must contain); argv[0] names eval.py or bench.py, else train.py
         (['--teacher', 'convnext_typo', '--student', 'vit_mini'], 'unknown model'),
         (['--teacher', 'convnext_mini', '--student', 'vit_typo'], 'unknown model'),
@@ -352,7 +361,7 @@ def user_error_cases(tmp_path):
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(payload)], 'pickled code'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(tmp_path / 'nowhere')], 'not found'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(empty)], 'train/<class>'),
-        (ok + ['--out', str(tmp_path / 'fresh'), '--resume'], 'no checkpoint'),
+        (ok + ['--out', str(tmp_path / 'fresh'), '--resume'], 'does not exist'),
         (ok + ['--out', str(tmp_path / 'finished')], 'already holds a run'),
         (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
         (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
@@ -395,6 +404,14 @@ def user_error_cases(tmp_path):
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-dir', str(text / 'cache')],
          '--teacher-dir'),
         (ok + ['--dataset', 'cifar100', '--data-dir', str(text)], 'is a file, not a dataset directory'),
+        # 4. --resume against the run's flags: the differing flags are named, with the run's values
+        (resume + ['--method', 'kd'], 'was run with --method fofa'),
+        (resume + ['--student', 'resnet_mini'], 'was run with --student vit_mini'),
+        (resume + ['--nq', '36', '--afp-stages', '1,2'], '--nq 64, --afp-stages 1,2,3,4'),
+        (resume + ['--lr', '0.1'], '--lr 0.0005'),
+        (resume + ['--dataset', 'cifar100', '--data-dir', str(empty)], '--dataset digits'),
+        (resume + ['--dkd', '1', '8', '2'], '--dkd (1.0, 8.0, 4.0)'),
+        (ok + ['--resume', '--out', str(tmp_path / 'broken')], 'not a readable PyTorch checkpoint'),
         # 5. eval.py and bench.py
         (['eval.py', '--ckpt', str(empty)], '--ckpt'),
         (['eval.py', '--ckpt', str(tmp_path / 'missing.pt'), '--model', 'vit_mini'], 'does not exist'),
@@ -441,6 +458,19 @@ def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
         assert time.time() - t0 < 20, argv
         assert snapshot() == before, argv  # nothing written, nothing touched, anywhere under tmp_path
     assert not (tmp_path / 'payload_ran').exists()
+
+
+def test_resume_may_change_epochs_workers_and_log_every_and_takes_unset_flags_from_the_run(tmp_path, capsys):
+    user_error_cases(tmp_path)
+    out = str(tmp_path / 'resumable')
+    args = train.get_args(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt',
+                           str(tmp_path / 'teacher.pt'), '--epochs', '5', '--workers', '0', '--log-every', '7',
+                           '--resume', '--out', out])
+    train.check_args(args)
+    assert (args.epochs, args.lr, args.recipe, args.img_size, args.warmup_epochs) == (5, 5e-4, 'vit', 32, 1 / 15)
+    with pytest.raises(SystemExit) as e:  # --help still prints the usage and exits 0
+        train.main(['--help'])
+    assert e.value.code == 0 and 'usage' in capsys.readouterr().out
 
 
 def test_user_error_exits_nonzero_without_traceback(tmp_path):

@@ -41,6 +41,8 @@ RECIPES = {
 METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
 CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
+RESUMABLE = {'epochs', 'workers', 'log_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
+             'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other flag may
 
 
 class Parser(argparse.ArgumentParser):
@@ -128,10 +130,10 @@ def check_args(args):
         raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
     check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
-    if args.resume and not os.path.isfile(last):
-        raise SystemExit(f'--resume: there is no checkpoint {last} to resume from.')
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+    if args.resume:
+        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
     check_path('--teacher-ckpt', args.teacher_ckpt, 'checkpoint file')
     check_path('--teacher-dir', None if args.teacher_ckpt or args.method == 'ce' else args.teacher_dir, 'directory', 1)
     check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
@@ -149,6 +151,17 @@ def check_path(flag, path, what, new=False):
     if problem:
         raise SystemExit(f'{flag} {path} {problem}.')
     return path
+
+
+def same_run(args, last):
+    """--resume: unset (None) flags take the run's values; others must match it, but for RESUMABLE, or one sentence."""
+    run = read_checkpoint(last, '--resume:').get('args') or {}
+    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
+    tup = lambda v: tuple(v) if isinstance(v, list) else v
+    diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
+            if k in run and k not in RESUMABLE and tup(run[k]) != tup(getattr(args, k))]
+    if diff:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or --overwrite.")
 
 
 def read_checkpoint(path, flag):
