@@ -474,8 +474,16 @@ def test_resume_may_change_epochs_workers_and_log_every_and_takes_unset_flags_fr
 
 
 def test_user_error_exits_nonzero_without_traceback(tmp_path):
-    r = run_train(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--nq', '63', '--out', str(tmp_path)])
-    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0, r.stderr
+    pair = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--out', str(tmp_path / 'run')]
+    cmds = [['train.py', *pair, '--nq', '63'],  # argparse's type path
+            ['train.py', *pair, '--img-size', '30'],  # the size probe
+            ['eval.py', '--ckpt', str(tmp_path)], ['bench.py', *pair, '--methods', 'kd,magic']]
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd in cmds]
+    for cmd, p in zip(cmds, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 1 and 'Traceback' not in err and err.strip().count('\n') == 0 and not out, (cmd, err)
+    assert os.listdir(tmp_path) == []
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):
