@@ -113,15 +113,23 @@ def bench(args, method, device, x, y, ctx):
 
 def main(argv=None):
     p = train.parser()
-    p.add_argument('--steps', type=int, default=5, help='timed steps')
-    p.add_argument('--warmup', type=int, default=2, help='untimed steps first (compile, allocator)')
+    p.add_argument('--steps', type=train.COUNT, default=5, help='timed steps')
+    p.add_argument('--warmup', type=train.NATURAL, default=2, help='untimed steps first (compile, allocator)')
     p.add_argument('--methods', default='ce,kd,fofa', help='comma list of methods to time')
     args = p.parse_args(argv)
-    methods = args.methods.split(',')
+    methods = [m.strip() for m in args.methods.split(',')]
+    if not set(methods) <= set(train.METHODS):
+        raise SystemExit(f"--methods {args.methods} names unknown methods: choose among {', '.join(train.METHODS)}.")
+    if set(methods) - {'ce'} and not args.teacher:
+        raise SystemExit(f'--methods {args.methods} needs a --teacher: every method but ce distils from one.')
+    args.method = 'kd' if args.teacher else 'ce'  # --method is ignored: checked as a pair with or without a teacher
     args.overwrite = True  # bench writes nothing to --out
     train.check_args(args)
-    args.recipe = args.recipe or train.family_recipe(args.student)
     args.img_size = args.img_size or train.models.INPUT_SIZE.get(args.student, 224)
+    if args.teacher:
+        train.family_recipe(args.teacher, args.img_size, 'teacher')
+    recipe = train.family_recipe(args.student, args.img_size)
+    args.recipe = args.recipe or recipe
     args.smoothing, args.teacher_ckpt = 0.1, None
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cpu':

@@ -24,6 +24,7 @@ import train
 
 def accuracy(args):
     img_size = args.img_size or models.INPUT_SIZE.get(args.model, 224)
+    train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
     nc = data.num_classes(args.dataset, args.data_dir)
     norm = data.NORM[args.dataset] or (None, None)
     try:
@@ -45,7 +46,7 @@ COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [2
 def draw_attention(args):
     """RAA's attention over a validation batch, averaged over images and heads: row = query, column = key, both in
     (stage, patch) order, stage boundaries in white. Needs the last.pt of a FOFA run (it holds RAA's weights)."""
-    ck = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+    ck = train.read_checkpoint(args.ckpt, '--ckpt')
     run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
     vars(run).update(ck.get('args', {}))
     if getattr(run, 'method', None) != 'fofa' or getattr(run, 'no_raa', True) or 'model' not in ck:
@@ -65,6 +66,7 @@ def draw_attention(args):
     img = np.kron(rgb, np.ones((cell, cell, 1)))
     for b in range(1, 4):  # stage boundaries
         img[b * n // 4 * cell - 1, :] = img[:, b * n // 4 * cell - 1] = 255
+    os.makedirs(os.path.dirname(os.path.abspath(args.attn)), exist_ok=True)
     Image.fromarray(img.astype(np.uint8)).save(args.attn)
     print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries in 4 stages')
 
@@ -75,6 +77,8 @@ def load_runs(root):
     for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
         pair, config, seed = log.split(os.sep)[-4:-1]
         runs[pair].setdefault(config, {})[seed] = [json.loads(line) for line in open(log)]
+    if not runs:
+        raise SystemExit(f'--summarize {root} holds no runs: expected {root}/<pair>/<config>/<seed>/log.jsonl files.')
     return runs
 
 
@@ -104,8 +108,6 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 def curves(root, png, w=520, h=360, pad=40):
     """Test top-1 per epoch, mean over seeds, one line per config and one panel per pair, into a PNG (Pillow)."""
     runs = load_runs(root)
-    if not runs:
-        raise SystemExit(f'--curves: no runs under {root} (expected <pair>/<config>/<seed>/log.jsonl).')
     img = Image.new('RGB', (w * len(runs), h), 'white')
     draw = ImageDraw.Draw(img)
     for k, (pair, configs) in enumerate(sorted(runs.items())):
@@ -126,24 +128,28 @@ def curves(root, png, w=520, h=360, pad=40):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
     p.add_argument('--ckpt', help="best.pt / last.pt of a run, a timm checkpoint (PATH:ema: its EMA), or 'timm'")
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
-    p.add_argument('--img-size', type=int, help="default: the model's (224, or 32 for *_mini)")
-    p.add_argument('--batch-size', type=int, default=100)
-    p.add_argument('--workers', type=int, default=4)
+    p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224, or 32 for *_mini)")
+    p.add_argument('--batch-size', type=train.COUNT, default=100)
+    p.add_argument('--workers', type=train.NATURAL, default=4)
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as in training with --amp)')
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
     p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (see evidence.sh)')
     p.add_argument('--curves', metavar='PNG', help='with --summarize: draw their learning curves')
     args = p.parse_args(argv)
     if args.summarize:
-        return curves(args.summarize, args.curves) if args.curves else summarize(args.summarize)
+        root = train.check_path('--summarize', args.summarize, 'runs directory')
+        return curves(root, args.curves) if args.curves else summarize(root)
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')
+    train.check_path('--ckpt', None if args.ckpt == 'timm' else args.ckpt.removesuffix(':ema'), 'checkpoint file')
+    train.check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
     if args.attn:
+        train.check_path('--attn', args.attn, 'PNG file', new=True)
         return draw_attention(args)
     if not args.model:
         raise SystemExit('--model is needed: the architecture of the checkpoint.')

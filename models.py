@@ -138,9 +138,9 @@ def create(name, num_classes, pretrained=False, mean=None, std=None, **kwargs):
         net = timm.create_model(timm_name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     else:
         raise ValueError(f"unknown model '{name}'; known: {', '.join(MODELS)} (or a timm name of a ResNet, ConvNeXt, "
-                         "MobileNet, ViT, Swin or Mixer)")
+                         "MobileNet, ViT, Swin or Mixer).")
     if not any(isinstance(net, row[0]) for row in FAMILIES.values()):
-        raise ValueError(f"model '{name}' ({type(net).__name__}) is not a supported family: {', '.join(FAMILIES)}")
+        raise ValueError(f"model '{name}' ({type(net).__name__}) is none of the families {', '.join(FAMILIES)}.")
     cfg = getattr(net, 'pretrained_cfg', None) or {}
     return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
                   std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD))

@@ -383,11 +383,20 @@ def user_error_cases(tmp_path):
     torch.save({'state_dict': CodePayload(tmp_path / 'payload_ran')}, payload)
     empty = tmp_path / 'empty'
     empty.mkdir()
+    teachers = ['--teacher-dir', str(tmp_path / 'teachers')]  # must stay absent: no teacher is trained
     ok = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', t, '--epochs', '1']
-    return [  # (argv, words the one-sentence message must contain)
+    # a run to resume: last.pt holds the args of `ok` as train.main completes them (no training needed)
+    run = train.get_args(ok + ['--out', str(tmp_path / 'resumable')])
+    train.check_args(run)
+    vars(run).update(recipe='vit', img_size=32, amp=False, opt='adamw', lr=5e-4, wd=0.05, warmup_epochs=1 / 15)
+    (tmp_path / 'resumable').mkdir()
+    train.save({'epoch': 1, 'args': vars(run)}, str(tmp_path / 'resumable' / 'last.pt'))
+    resume = ok + ['--resume', '--out', str(tmp_path / 'resumable')]
+    (tmp_path / 'broken').mkdir()
+    (tmp_path / 'broken' / 'last.pt').write_bytes(truncated.read_bytes())
+    return [  # (argv, words the one-sentence message must contain); argv[0] names eval.py or bench.py, else train.py
         (['--teacher', 'convnext_typo', '--student', 'vit_mini'], 'unknown model'),
         (['--teacher', 'convnext_mini', '--student', 'vit_typo'], 'unknown model'),
-        (ok + ['--nq', '50'], '4*k*k'),
         (ok + ['--afp-stages', '1,5'], 'afp-stages'),
         (ok + ['--afp-stages', 'first'], 'afp-stages'),
         (ok + ['--method', 'ofa', '--ofa-stages', '1,x'], 'ofa-stages'),
@@ -399,43 +408,129 @@ def user_error_cases(tmp_path):
         (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(payload)], 'pickled code'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(tmp_path / 'nowhere')], 'not found'),
         (ok + ['--dataset', 'imagenet', '--data-dir', str(empty)], 'train/<class>'),
-        (ok + ['--batch-size', '0'], 'at least 1'),
-        (ok + ['--epochs', '0'], 'at least 1'),
-        (ok + ['--resume'], 'no checkpoint'),
-        (ok, 'already holds a run'),
+        (ok + ['--out', str(tmp_path / 'fresh'), '--resume'], 'does not exist'),
+        (ok + ['--out', str(tmp_path / 'finished')], 'already holds a run'),
         (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
-        (ok + ['--dataset', 'mnist'], 'unknown --dataset'),
+        (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
         (ok + ['--method', 'magic'], 'unknown --method'),
+        (ok + ['--no-such-flag'], 'unrecognized arguments'),
+        # 1. input size against the models: probed before anything is written, naming the model and its size
+        (ok + ['--img-size', '30'], 'does not fit the teacher convnext_mini'),
+        (['--teacher', 'deit_t', '--student', 'vit_mini'] + teachers, 'does not fit the teacher deit_t'),
+        (['--teacher', 'vit_mini', '--student', 'resnet_mini', '--img-size', '64'] + teachers, 'it takes 32'),
+        (['--teacher', 'resnet_mini', '--student', 'swin_mini', '--img-size', '48'] + teachers,
+         'does not fit the student swin_mini'),
+        (['--student', 'convnext_mini', '--method', 'ce', '--img-size', '8'], 'Kernel size'),  # below 1 px
+        # 2. numbers out of range, refused where they are parsed, with the range
+        (ok + ['--nq', '50'], '4*k*k'),
+        (ok + ['--batch-size', '0'], '--batch-size: \'0\' is not an integer >= 1'),
+        (ok + ['--epochs', '2.5'], '--epochs: \'2.5\' is not an integer >= 1'),
+        (ok + ['--lr', 'nan'], '--lr: \'nan\' is not a number > 0'),
+        (ok + ['--lr', '-0.1'], 'is not a number > 0'),
+        (ok + ['--wd', 'inf'], '--wd: \'inf\' is not a number >= 0'),
+        (ok + ['--ema', '1'], '--ema: \'1\' is not in [0, 1)'),
+        (ok + ['--train-fraction', '0'], 'is not in (0, 1]'),
+        (ok + ['--warmup-epochs', '-1'], '--warmup-epochs'),
+        (ok + ['--alpha', '-1'], '--alpha'),
+        (ok + ['--gamma', 'nan'], '--gamma'),
+        (ok + ['--kd-t', '0'], '--kd-t'),
+        (ok + ['--method', 'dkd', '--dkd', '1', '8', '0'], 'temperatures'),
+        (ok + ['--method', 'dist', '--dist', '1', '-1', '1'], '--dist'),
+        (ok + ['--ofa-eps', '0'], '--ofa-eps'),
+        (ok + ['--dim', '100'], 'a positive multiple of 8'),
+        (ok + ['--workers', '-1'], '--workers'),
+        (ok + ['--log-every', '0'], '--log-every'),
+        (ok + ['--seed', '-3'], '--seed'),
+        (ok + ['--img-size', '0'], '--img-size'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-epochs', '0'] + teachers, '--teacher-epochs'),
+        # 3. paths: what the path is, not "does not exist"
+        (ok + ['--out', str(text)], 'is a file, not a run directory'),
+        (ok + ['--out', str(text / 'run')], 'cannot be made: '),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', str(empty)],
+         'is a directory, not a checkpoint file'),
+        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-dir', str(text / 'cache')],
+         '--teacher-dir'),
+        (ok + ['--dataset', 'cifar100', '--data-dir', str(text)], 'is a file, not a dataset directory'),
+        # 4. --resume against the run's flags: the differing flags are named, with the run's values
+        (resume + ['--method', 'kd'], 'was run with --method fofa'),
+        (resume + ['--student', 'resnet_mini'], 'was run with --student vit_mini'),
+        (resume + ['--nq', '36', '--afp-stages', '1,2'], '--nq 64, --afp-stages 1,2,3,4'),
+        (resume + ['--lr', '0.1'], '--lr 0.0005'),
+        (resume + ['--dataset', 'cifar100', '--data-dir', str(empty)], '--dataset digits'),
+        (resume + ['--dkd', '1', '8', '2'], '--dkd (1.0, 8.0, 4.0)'),
+        (ok + ['--resume', '--out', str(tmp_path / 'broken')], 'not a readable PyTorch checkpoint'),
+        # 5. eval.py and bench.py
+        (['eval.py', '--ckpt', str(empty)], '--ckpt'),
+        (['eval.py', '--ckpt', str(tmp_path / 'missing.pt'), '--model', 'vit_mini'], 'does not exist'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_typo'], 'unknown model'),
+        (['eval.py', '--ckpt', t, '--model', 'vit_mini', '--img-size', '64'], 'does not fit the model vit_mini'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--batch-size', '0'], '--batch-size'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--workers', 'two'], '--workers'),
+        (['eval.py', '--ckpt', t, '--model', 'convnext_mini', '--dataset', 'mnist'], '--dataset'),
+        (['eval.py', '--ckpt', str(truncated), '--attn', str(tmp_path / 'a.png')], 'not a readable'),
+        (['eval.py', '--ckpt', t, '--attn', str(empty)], 'is a directory, not a PNG file'),
+        (['eval.py', '--summarize', str(tmp_path / 'nowhere')], 'does not exist'),
+        (['eval.py', '--summarize', str(empty)], 'holds no runs'),
+        (['bench.py'] + ok + ['--methods', 'ce,magic'], '--methods'),
+        (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
+        (['bench.py'] + ok + ['--steps', '0'], '--steps'),
+        (['bench.py'] + ok + ['--warmup', '-1'], '--warmup'),
+        (['bench.py'] + ok + ['--img-size', '30'], 'does not fit'),
     ]
 
 
 def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
     import time
+    import bench
     finished = tmp_path / 'finished'
     finished.mkdir()
     train.save({'epoch': 1}, str(finished / 'last.pt'))
     (finished / 'log.jsonl').write_text('{"epoch": 1}\n')
-    snapshot = {f: (finished / f).read_bytes() for f in os.listdir(finished)}
-    for argv, words in user_error_cases(tmp_path):
-        if words == 'no checkpoint':
-            out = ['--out', str(tmp_path / 'fresh')]
-        elif words == 'already holds a run':
-            out = ['--out', str(finished)]
-        else:  # even with --overwrite, a failing run must not touch the existing one
-            out = ['--out', str(finished), '--overwrite']
+    cases = user_error_cases(tmp_path)
+    snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
+    before = snapshot()
+    mains = {'eval.py': evaluate_script.main, 'bench.py': bench.main}
+    assert len(cases) >= 40
+    for argv, words in cases:
+        main = mains.get(argv[0], train.main)
+        if argv[0] in mains:
+            argv = argv[1:]
+        if main is not evaluate_script.main and '--out' not in argv:
+            argv = argv + ['--out', str(finished), '--overwrite']  # a failing run must not touch the existing one
         t0 = time.time()
         with pytest.raises(SystemExit) as e:
-            train.main(argv + out)
+            main(argv)
         msg = str(e.value.code)
         assert words in msg and '\n' not in msg and msg.endswith('.'), (argv, msg)
         assert time.time() - t0 < 20, argv
-        assert {f: (finished / f).read_bytes() for f in os.listdir(finished)} == snapshot, argv
-    assert not (tmp_path / 'fresh').exists() and not (tmp_path / 'payload_ran').exists()
+        assert snapshot() == before, argv  # nothing written, nothing touched, anywhere under tmp_path
+    assert not (tmp_path / 'payload_ran').exists()
+
+
+def test_resume_may_change_epochs_workers_and_log_every_and_takes_unset_flags_from_the_run(tmp_path, capsys):
+    user_error_cases(tmp_path)
+    out = str(tmp_path / 'resumable')
+    args = train.get_args(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt',
+                           str(tmp_path / 'teacher.pt'), '--epochs', '5', '--workers', '0', '--log-every', '7',
+                           '--resume', '--out', out])
+    train.check_args(args)
+    assert (args.epochs, args.lr, args.recipe, args.img_size, args.warmup_epochs) == (5, 5e-4, 'vit', 32, 1 / 15)
+    with pytest.raises(SystemExit) as e:  # --help still prints the usage and exits 0
+        train.main(['--help'])
+    assert e.value.code == 0 and 'usage' in capsys.readouterr().out
 
 
 def test_user_error_exits_nonzero_without_traceback(tmp_path):
-    r = run_train(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--nq', '63', '--out', str(tmp_path)])
-    assert r.returncode == 1 and 'Traceback' not in r.stderr and r.stderr.strip().count('\n') == 0, r.stderr
+    pair = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--out', str(tmp_path / 'run')]
+    cmds = [['train.py', *pair, '--nq', '63'],  # argparse's type path
+            ['train.py', *pair, '--img-size', '30'],  # the size probe
+            ['eval.py', '--ckpt', str(tmp_path)], ['bench.py', *pair, '--methods', 'kd,magic']]
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd in cmds]
+    for cmd, p in zip(cmds, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 1 and 'Traceback' not in err and err.strip().count('\n') == 0 and not out, (cmd, err)
+    assert os.listdir(tmp_path) == []
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ order and augmentation of an epoch depend only on (seed, epoch), so a resumed ru
 exactly and ends with the same weights as an uninterrupted one.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,18 +44,40 @@ RECIPES = {
 METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
 CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
+RESUMABLE = {'epochs', 'workers', 'log_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
+             'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other flag may
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence and exit code 1 (argparse's own: usage, then the error, code 2)
+        raise SystemExit(message.removeprefix('argument ').rstrip('.') + '.')
+
+
+def ranged(kind, accepted, ok):  # an argparse type: a finite int or float for which ok(value) holds
+    def parse(text):
+        with contextlib.suppress(ValueError, OverflowError):
+            if math.isfinite(v := kind(text)) and ok(v):
+                return v
+        raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
+    return parse
+
+
+COUNT, NATURAL = ranged(int, 'an integer >= 1', lambda v: v >= 1), ranged(int, 'an integer >= 0', lambda v: v >= 0)
+POSITIVE, NONNEG = ranged(float, 'a number > 0', lambda v: v > 0), ranged(float, 'a number >= 0', lambda v: v >= 0)
+DECAY, FRACTION = ranged(float, 'in [0, 1)', lambda v: 0 <= v < 1), ranged(float, 'in (0, 1]', lambda v: 0 < v <= 1)
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a('--teacher', help='teacher model (models.MODELS or a timm name); needed by every method but ce')
     a('--student', required=True, help='student model')
-    a('--dataset', default='digits', help='cifar100, imagenet or digits (offline)')
+    a('--dataset', default='digits', choices=data.DATASETS, help='digits is offline')
     a('--data-dir', default='data', help='dataset root')
     a('--method', default='fofa', help=', '.join(METHODS))
-    a('--nq', type=int, default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
-    a('--dim', type=int, default=512, help='FOFA: RAA token width d')
+    a('--nq', type=ranged(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)', lambda v: v == 4 * math.isqrt(
+      v // 4) ** 2 > 0), default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
+    a('--dim', type=ranged(int, 'a positive multiple of 8', lambda v: v % 8 == 0 < v), default=512, help='RAA width d')
     a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
@@ -64,37 +87,37 @@ def parser():
       "or replaces it as in the official code (a per-channel bias)")
     a('--aligner', default='ours', choices=('ours', 'official'), help='FOFA: LayerNorm + learned spatial map, or the '
       'official BatchNorm (+ nearest upsampling for map teachers)')
-    a('--alpha', type=float, default=1.0, help='weight of KD (Eq. 8)')
-    a('--beta', type=float, default=1.0, help='weight of the feature loss (Eq. 8)')
-    a('--gamma', type=float, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
-    a('--kd-t', type=float, default=1.0, help='KD temperature')
-    a('--dkd', type=float, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
-    a('--dist', type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
-    a('--ofa-eps', type=float, default=1.0, help='OFA modulating exponent epsilon')
+    a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
+    a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
+    a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
+    a('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
+    a('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
+    a('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
+    a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
-    a('--epochs', type=int, default=30)
-    a('--batch-size', type=int, default=64, help='per process; the global batch is this times the world size')
-    a('--lr', type=float, help='peak learning rate (default: the recipe\'s)')
+    a('--epochs', type=COUNT, default=30)
+    a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
+    a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
     a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
-    a('--wd', type=float, help='weight decay (default: the recipe\'s)')
-    a('--warmup-epochs', type=float, help='linear warm-up (default: the recipe\'s share of --epochs)')
+    a('--wd', type=NONNEG, help='weight decay (default: the recipe\'s)')
+    a('--warmup-epochs', type=NONNEG, help='linear warm-up (default: the recipe\'s share of --epochs)')
     a('--recipe', choices=list(RECIPES), help="augmentation and optimizer preset (default: by the student's family)")
-    a('--ema', type=float, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
-    a('--img-size', type=int, help='input size (default: the student\'s, 224 or 32 for *_mini)')
-    a('--train-fraction', type=float, default=1.0, help='digits: use a fixed stratified part of the train split')
+    a('--ema', type=DECAY, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
+    a('--img-size', type=COUNT, help='input size (default: the student\'s, 224 or 32 for *_mini)')
+    a('--train-fraction', type=FRACTION, default=1.0, help='digits: use a fixed stratified part of the train split')
     a('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     a('--compile', action='store_true', help='torch.compile the student and the teacher')
     a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    a('--workers', type=int, default=4)
-    a('--seed', type=int, default=0)
+    a('--workers', type=NATURAL, default=4)
+    a('--seed', type=ranged(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0)
     a('--out', default='runs/last', help='run directory')
     a('--resume', action='store_true', help='continue the run in --out from its last.pt')
     a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
     a('--teacher-ckpt', help="teacher weights: a timm state_dict or checkpoint (PATH:ema: its EMA), or 'timm'")
     a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
-    a('--teacher-epochs', type=int, help='epochs when the teacher is trained here (default: --epochs)')
+    a('--teacher-epochs', type=COUNT, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
-    a('--log-every', type=int, default=50, help='steps between progress lines')
+    a('--log-every', type=COUNT, default=50, help='steps between progress lines')
     return p
 
 
@@ -104,29 +127,56 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every mistake a user can make in the flags, caught before anything is built or written."""
-    if args.dataset not in data.DATASETS:
-        raise SystemExit(f"unknown --dataset '{args.dataset}': choose one of {', '.join(data.DATASETS)}.")
     if args.method not in METHODS:
         raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
     if args.method != 'ce' and not args.teacher:
         raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train without one).')
-    for name in filter(None, (args.student, args.teacher if args.method != 'ce' else None)):
-        if name not in models.MODELS and not timm.is_model(name):
-            raise SystemExit(f"unknown model '{name}': use one of {', '.join(models.MODELS)} or a timm model name.")
-    if args.batch_size < 1 or args.epochs < 1:
-        raise SystemExit('--batch-size and --epochs must be at least 1.')
     args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
-    k = math.isqrt(max(args.nq, 0) // 4)
-    if args.nq < 4 or 4 * k * k != args.nq:
-        raise SystemExit(f'--nq {args.nq} is not 4*k*k: each of the 4 stages must be a k x k grid (36, 64, 100, 144).')
-    if args.teacher_ckpt not in (None, 'timm') and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
-        raise SystemExit(f'--teacher-ckpt {args.teacher_ckpt} does not exist.')
+    if min(args.dkd[2], args.dist[2]) <= 0:
+        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
+    check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
-    if args.resume and not os.path.isfile(last):
-        raise SystemExit(f'--resume: there is no checkpoint {last} to resume from.')
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+    if args.resume:
+        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
+    ckpt = args.teacher_ckpt  # PATH, PATH:ema or 'timm' (README, Teacher checkpoints)
+    check_path('--teacher-ckpt', None if ckpt in (None, 'timm') else ckpt.removesuffix(':ema'), 'checkpoint file')
+    check_path('--teacher-dir', None if args.teacher_ckpt or args.method == 'ce' else args.teacher_dir, 'directory', 1)
+    check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
+
+
+def check_path(flag, path, what, new=False):
+    """path (or None) if an existing `what` ('... file' or '... directory') or, if new, makeable; else one sentence."""
+    up, kind = path and os.path.abspath(path), 'directory' if path and os.path.isdir(path) else 'file'
+    while new and up and not os.path.exists(up):
+        up = os.path.dirname(up)
+    problem = path and (f'is a {kind}, not a {what}' if os.path.exists(path) and not what.endswith(kind) else
+                        f'does not exist: give an existing {what}' if not os.path.exists(up) else
+                        f'cannot be made: {up} is not a writable directory' if up != os.path.abspath(path) and not
+                        (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)) else None)
+    if problem:
+        raise SystemExit(f'{flag} {path} {problem}.')
+    return path
+
+
+def same_run(args, last):
+    """--resume: unset (None) flags take the run's values; others must match it, but for RESUMABLE, or one sentence."""
+    run = read_checkpoint(last, '--resume:').get('args') or {}
+    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
+    tup = lambda v: tuple(v) if isinstance(v, list) else v
+    diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
+            if k in run and k not in RESUMABLE and tup(run[k]) != tup(getattr(args, k))]
+    if diff:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or --overwrite.")
+
+
+def read_checkpoint(path, flag):
+    try:  # weights only, memory-mapped: cheap even for a large last.pt
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
+        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): save it again.')
 
 
 def stage_list(text, flag, allow_none=False):
@@ -134,21 +184,25 @@ def stage_list(text, flag, allow_none=False):
     text = text.strip().lower()
     if allow_none and text in ('none', ''):
         return ()
-    try:
-        stages = tuple(sorted({int(s) for s in text.split(',')}))
-    except ValueError:
-        stages = ()
-    if not stages or not set(stages) <= {1, 2, 3, 4}:
+    stages = {int(s) if s.strip().isdecimal() else 0 for s in text.split(',')}
+    if not stages <= {1, 2, 3, 4}:
         raise SystemExit(f"{flag} '{text}' is not a comma list of stages 1-4 (e.g. 1,2,3,4)"
                          + (" or 'none'." if allow_none else '.'))
-    return stages
+    return tuple(sorted(stages))
 
 
-def family_recipe(name):
+def family_recipe(name, img_size, role='student'):
+    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only: no memory, no time)."""
     try:
-        return 'cnn' if models.create(name, 1).family in CNN_FAMILIES else 'vit'
-    except ValueError as e:
+        with torch.device('meta'):
+            net = models.create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:  # an unknown model, or not one of models.FAMILIES
         raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 pixel
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({str(e).splitlines()[0].rstrip(".")}'
+                         f'): it takes {models.INPUT_SIZE.get(name) or net.net.pretrained_cfg["input_size"][-1]}.')
+    return 'cnn' if net.family in CNN_FAMILIES else 'vit'
 
 
 def load_weights(path, net, what):
@@ -417,7 +471,7 @@ def teacher_checkpoint(args, ddp_rank, world, device):
                           str(args.train_fraction), '--overwrite', '--log-every', str(args.log_every)]
                          + ['--pretrained'] * args.pretrained + ['--amp'] * bool(args.amp))
         check_args(targs)
-        targs.recipe = family_recipe(args.teacher)
+        targs.recipe = family_recipe(args.teacher, args.img_size)
         if ddp_rank == 0:
             print(f'no teacher in {path}: training {args.teacher} with --method ce first')
         train(targs, ddp_rank, world, device)
@@ -431,16 +485,16 @@ def teacher_checkpoint(args, ddp_rank, world, device):
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
-    args.recipe = args.recipe or family_recipe(args.student)
     args.img_size = args.img_size or models.INPUT_SIZE.get(args.student, 224)
+    recipe = [family_recipe(getattr(args, r), args.img_size, r) for r in ('teacher', 'student')[args.method == 'ce':]]
+    args.recipe = args.recipe or recipe[-1]  # the student's
     world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     if device != 'cpu':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.amp is None:
-        args.amp = device != 'cpu'
+    args.amp = device != 'cpu' if args.amp is None else args.amp
     if world > 1:
         dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
     if args.method != 'ce' and not args.teacher_ckpt:
