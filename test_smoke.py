@@ -1012,14 +1012,12 @@ def test_timm065_checkpoints_give_timm065_logits(family, monkeypatch):
 def test_official_release_formats_load(tmp_path, monkeypatch):
     """Facebook's ConvNeXt ({'model': ...}, downsample_layers.* and pwconv names), DeiT's and Swin's ({'model': ...};
     timm 0.6.5's Swin names are the original Swin's) go through timm's own filters."""
-    fb_names = [('downsample_layers.0.', 'stem.'), (r'stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
-                (r'stages\.(\d+)\.blocks\.', r'stages.\1.'), ('conv_dw', 'dwconv'), (r'mlp\.fc', 'pwconv'),
-                (r'^head\.norm', 'norm'), (r'^head\.fc', 'head')]
     import re
     sd = torch.load(os.path.join(FIXTURES, 'convnext.pth'), weights_only=True)
-    for a, b in fb_names[1:]:
+    for a, b in [(r'^stem\.', 'downsample_layers.0.'), (r'stages\.(\d+)\.downsample\.', r'downsample_layers.\1.'),
+                 (r'stages\.(\d+)\.blocks\.', r'stages.\1.'), ('conv_dw', 'dwconv'), (r'mlp\.fc', 'pwconv'),
+                 (r'^head\.norm', 'norm'), (r'^head\.fc', 'head')]:  # timm's names -> Facebook's
         sd = {re.sub(a, b, k): v for k, v in sd.items()}
-    sd = {re.sub(r'^stem\.', fb_names[0][0], k): v for k, v in sd.items()}
     assert any(k.startswith('downsample_layers.1.') for k in sd) and 'head.weight' in sd and 'norm.weight' in sd
     for family, state in (('convnext', sd), ('vit', None), ('swin', None)):
         state = state or torch.load(os.path.join(FIXTURES, f'{family}.pth'), weights_only=True)
@@ -1042,7 +1040,7 @@ def test_checkpoint_saver_args_are_allowed_but_nothing_else(tmp_path, monkeypatc
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed while loading only
 
 
-def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch, capsys):
+def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch):
     """'--teacher-ckpt timm' goes through timm.create_model(pretrained=True); offline, timm's pretrained config overlay
     points it at a local file instead of the Hugging Face hub."""
     import huggingface_hub.constants
@@ -1068,7 +1066,7 @@ def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch,
     assert '1000-class' in msg and 'not 10 classes' in msg and msg.endswith('.') and '\n' not in msg
     monkeypatch.setitem(models.MODELS, 'tiny_other', ('resnet18', dict(arch, channels=(8, 8, 8, 16),
                         pretrained_cfg_overlay=dict(file=str(tmp_path / 'in1k.pth')))))
-    with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # timm's weights, wrong shape
+    with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # weights of another shape
         train.create('tiny_other', 1000, weights='timm')
     with pytest.raises(ValueError, match='mixer_mini has no timm pretrained weights'):  # was silently random
         train.build(train.get_args(['--student', 'mixer_mini', '--method', 'ce', '--pretrained']), 10)
