@@ -21,7 +21,7 @@ import eval as evaluate_script
 import models
 import train
 from fofa import FOFA, RAA
-from losses import cc, dist, dkd, dkd_parts, hcl, kd, ofa, rkd
+from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
 torch.set_num_threads(2)
 
@@ -192,6 +192,41 @@ def test_kd_and_hcl_match_hand_written_formulas():
     small_s, small_t = fs[..., :2, :2], ft[..., :2, :2]  # 2x2 maps: only the 1x1 level is smaller than the map
     expected = (mse(small_s, small_t) + 0.125 * mse(small_s.mean((2, 3)), small_t.mean((2, 3)))) / 1.125
     torch.testing.assert_close(hcl(small_s, small_t), expected)
+
+
+# ---------------------------------------------------------------- FBT's and HCD's losses
+def test_info_nce_matches_a_loop_with_positives_on_the_diagonal():
+    q, k = _rand(5, 8, seed=30, scale=1.0), _rand(5, 8, seed=31, scale=1.0)
+    for tau in (0.07, 1.0):
+        total = 0.0
+        for i in range(5):
+            sims = [float(q[i] @ k[j] / (q[i].norm() * k[j].norm())) / tau for j in range(5)]
+            total -= sims[i] - math.log(sum(math.exp(s) for s in sims))
+        assert abs(info_nce(q, k, torch.tensor(math.log(1 / tau))).item() - total / 5) < 1e-4
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # similarities stay float32
+        assert abs(info_nce(q.bfloat16(), k.bfloat16(), torch.tensor(0.0)).item() - total / 5) < 1e-2
+    cap = info_nce(q, k, torch.tensor(math.log(100.0)))  # 1 / tau is capped at 100, as in CLIP
+    assert torch.allclose(info_nce(q, k, torch.tensor(8.0)), cap)
+    scale = torch.tensor(2.0, requires_grad=True)
+    info_nce(q, k, scale).backward()
+    assert scale.grad.abs() > 0  # the temperature is learnable
+
+
+def test_orthogonality_zero_hand_value_and_bf16_masking():
+    y = torch.tensor([0])
+    assert orthogonality(torch.tensor([[[9.0, 1.0, 0.0], [9.0, 0.0, 1.0]]]), y).item() == 0  # orthogonal without y
+    z = torch.tensor([[[5.0, 1.0, 0.0], [-5.0, 1.0, 1.0]]])  # cos = 1 / sqrt(2) once column 0 is zeroed
+    assert abs(orthogonality(z, y).item() - (2 ** -0.5 - 0.5) ** 2) < 1e-6
+    assert orthogonality(z, y, theta=0.75).item() == 0
+    # bf16: the target column is zeroed, not set to -1e6 (which swamps every cosine in bf16, and overflows fp16)
+    z = torch.tensor([[[3e4, 1, 0, 2], [-3e4, 0, 1, 0]], [[1, 2, 3, 4], [4, 3, 2, 1]]], dtype=torch.bfloat16,
+                     requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = orthogonality(z, torch.tensor([0, 1]))
+    cos = 14 / (26 ** 0.5 * 21 ** 0.5)  # second sample, column 1 zeroed: [1, 0, 3, 4] . [4, 0, 2, 1]
+    assert loss.dtype == torch.float32 and abs(loss.item() - 2 * (cos - 0.5) ** 2 / 4) < 1e-6
+    loss.backward()
+    assert torch.isfinite(z.grad.float()).all()
 
 
 # ---------------------------------------------------------------- trainer, eval, DDP (digits, offline)
