@@ -20,6 +20,7 @@ import data
 import eval as evaluate_script
 import models
 import train
+from baselines import FBT, HCD
 from fofa import FOFA, RAA
 from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
@@ -194,7 +195,18 @@ def test_kd_and_hcl_match_hand_written_formulas():
     torch.testing.assert_close(hcl(small_s, small_t), expected)
 
 
-# ---------------------------------------------------------------- FBT's and HCD's losses
+# ---------------------------------------------------------------- FBT and HCD (baselines.py)
+# CNN->ViT: the fused model takes the teacher's CNN stages; ViT->CNN and Swin->MLP (no CNN): the student's stages 1-3
+BASELINE_PAIRS = [('convnext_mini', 'vit_mini', True), ('vit_mini', 'resnet_mini', False),
+                  ('swin_mini', 'mixer_mini', False)]
+
+
+def small_baseline(method, teacher, student, seed=0):
+    torch.manual_seed(seed)
+    s, t = models.create(student, 10), models.create(teacher, 10)
+    return FBT(s, t, img_size=32) if method == 'fbt' else HCD(s, t, img_size=32, num_classes=10)
+
+
 def test_info_nce_matches_a_loop_with_positives_on_the_diagonal():
     q, k = _rand(5, 8, seed=30, scale=1.0), _rand(5, 8, seed=31, scale=1.0)
     for tau in (0.07, 1.0):
@@ -227,6 +239,50 @@ def test_orthogonality_zero_hand_value_and_bf16_masking():
     assert loss.dtype == torch.float32 and abs(loss.item() - 2 * (cos - 0.5) ** 2 / 4) < 1e-6
     loss.backward()
     assert torch.isfinite(z.grad.float()).all()
+
+
+@pytest.mark.parametrize('method', ['fbt', 'hcd'])
+@pytest.mark.parametrize('teacher,student,teacher_first', BASELINE_PAIRS)
+def test_fbt_hcd_step_trains_every_new_module_not_the_teacher(method, teacher, student, teacher_first):
+    d = small_baseline(method, teacher, student)
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits, losses = d(x, y)
+    losses['total'].backward()
+    new = {n: p for n, p in d.named_parameters() if not n.startswith('student.')}
+    assert new and [n for n, p in new.items() if p.grad is None or not p.grad.abs().sum()] == []
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
+    assert all(p.grad is None for p in d.teacher.parameters()) and not d.teacher.training
+    if method == 'fbt':  # the fused model: stages 1-3 of side a, L2G, stage 4 and head of side b
+        assert d.t_first == teacher_first
+        a, b = (d.teacher, d.student) if teacher_first else (d.student, d.teacher)
+        assert (d.l2g[0].in_channels, d.l2g[0].out_channels) == (a.shapes(32)[1][2][0], b.shapes(32)[0][3][0])
+        d.zero_grad()
+        d(x, y)[1]['teacher_fused'].backward()  # reaches the student's stage 4 (b) or its stages 1-3 (a), not both
+        trained = lambda m: any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+        assert trained(d.student._stages[3]) == teacher_first != trained(d.student._stages[0])
+        assert d.eval().extra_evals()['fused'](x)[0].shape == (4, 10)
+
+
+@pytest.mark.parametrize('method', ['fbt', 'hcd'])
+def test_fbt_hcd_bf16_autocast_step_and_checkpoint_round_trip(method):
+    d = small_baseline(method, 'convnext_mini', 'vit_mini')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, losses = d(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses['total'].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for n, p in d.named_parameters() if not n.startswith('student.'))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.01)  # moved away from their initial values, temperatures included
+    other = small_baseline(method, 'convnext_mini', 'vit_mini', seed=1)
+    other.load_state_dict(d.state_dict())  # strict: the same modules, parameters and temperatures
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), other.parameters()))
+    if method == 'fbt':
+        assert 'log_scale' in d.state_dict() and 'prefix' in d.state_dict()
 
 
 # ---------------------------------------------------------------- trainer, eval, DDP (digits, offline)
@@ -327,10 +383,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     torch.save(models.create('resnet_mini', 10).net.state_dict(), teacher)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *TINY,
            '--teacher', 'resnet_mini', '--student', 'mixer_mini', '--teacher-ckpt', str(teacher), '--epochs', '1',
-           '--out', str(tmp_path / 'ddp')]
+           '--method', 'fbt', '--out', str(tmp_path / 'ddp')]  # (FOFA under torchrun: the DDP-equals-one test)
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'global batch 64' in r.stdout and os.path.isfile(tmp_path / 'ddp' / 'last.pt')
+    log = json.loads(open(tmp_path / 'ddp' / 'log.jsonl').read())  # the fused model (student stage 4) is tested too
+    assert 0 <= log['fused_top1'] <= 100 and {'teacher_student', 'teacher_fused', 'fused_student'} <= log.keys()
 
 
 

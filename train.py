@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-from fofa import FOFA, OFA, Distiller
+from baselines import FBT, HCD, OFA
+from fofa import FOFA, Distiller
 import losses
 
 # the official configs (notes section 6): CNN students get SGD, ViT/MLP students AdamW with mixup and RandAugment
@@ -37,8 +38,28 @@ RECIPES = {
     'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=None, smoothing=0.1),
     'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5, clip=5.0, smoothing=0.1),
 }
-METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
-CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
+hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
+emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
+common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)  # what every distiller takes
+pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
+fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
+    nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
+    prompt=a.afp_prompt, aligner=a.aligner, beta=a.beta, gamma=a.gamma), **kw})  # kw: overrides (FitNet)
+# --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
+# its class (baselines.py) or loss (losses.py), and its tests.
+METHODS = {
+    'fofa': lambda a, s, t, n: fofa(a, s, t),
+    'fitnet': lambda a, s, t, n: fofa(a, s, t, afp_stages=(), raa=False),  # FOFA without RAA and AFP
+    'kd': pure(lambda a, s, t, *_: {'kd': losses.kd(s, t, a.kd_t)}),
+    'dkd': pure(lambda a, s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *a.dkd)}),
+    'dist': pure(lambda a, s, t, *_: {'dist': losses.dist(s, t, *a.dist)}),
+    'ofa': lambda a, s, t, n: OFA(s, t, a.img_size, n, a.ofa, a.ofa_eps, **common(a)),
+    'rkd': pure(lambda a, s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))}),
+    'cc': pure(lambda a, s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}),
+    'fbt': lambda a, s, t, n: FBT(s, t, a.img_size, a.ofa_eps, **common(a)),
+    'hcd': lambda a, s, t, n: HCD(s, t, a.img_size, n, a.hcd_n, a.hcd_kl, **common(a)),
+    'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
+}
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 
 
@@ -67,8 +88,10 @@ def parser():
     a('--kd-t', type=float, default=1.0, help='KD temperature')
     a('--dkd', type=float, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
     a('--dist', type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
-    a('--ofa-eps', type=float, default=1.0, help='OFA modulating exponent epsilon')
+    a('--ofa-eps', type=float, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
+    a('--hcd-n', type=int, default=4, help='HCD: sub-logits per stage')
+    a('--hcd-kl', type=float, default=6.0, help='HCD: weight of the sub-logit KL')
     a('--epochs', type=int, default=30)
     a('--batch-size', type=int, default=64, help='per process; the global batch is this times the world size')
     a('--lr', type=float, help='peak learning rate (default: the recipe\'s)')
@@ -143,7 +166,7 @@ def stage_list(text, flag, allow_none=False):
 
 def family_recipe(name):
     try:
-        return 'cnn' if models.create(name, 1).family in CNN_FAMILIES else 'vit'
+        return 'cnn' if models.create(name, 1).layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
     except ValueError as e:
         raise SystemExit(str(e))
 
@@ -179,7 +202,7 @@ def load_weights(path, net, what):
 
 
 def build(args, num_classes):
-    """The trainable module for --method, holding the frozen teacher (FitNet = FOFA without RAA and AFP)."""
+    """The trainable module for --method (METHODS), holding the frozen teacher."""
     norm = data.NORM[args.dataset] or (None, None)
     try:
         student = models.create(args.student, num_classes, pretrained=args.pretrained and args.method == 'ce',
@@ -190,27 +213,11 @@ def build(args, num_classes):
         print(f'could not fetch timm ImageNet weights for {args.student} ({type(e).__name__}): from scratch')
         student = models.create(args.student, num_classes, mean=norm[0], std=norm[1])
     if args.method == 'ce':
-        return Distiller(student, label_smoothing=args.smoothing)
+        return METHODS['ce'](args, student, None, num_classes)
     teacher = models.create(args.teacher, num_classes, mean=norm[0], std=norm[1])
     if args.teacher_ckpt:  # (bench.py times random teachers)
         load_weights(args.teacher_ckpt, teacher.net, f'{args.teacher} ({num_classes} classes)')
-    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
-    hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
-    emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
-    loss = {'kd': lambda s, t, *_: {'kd': losses.kd(s, t, args.kd_t)},
-            'dkd': lambda s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *args.dkd)},
-            'dist': lambda s, t, *_: {'dist': losses.dist(s, t, *args.dist)},
-            'rkd': lambda s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))},
-            'cc': lambda s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}}
-    if args.method in loss:
-        return Distiller(student, teacher, loss[args.method], **common)
-    if args.method == 'ofa':
-        return OFA(student, teacher, args.img_size, num_classes, args.ofa, args.ofa_eps, **common)
-    fitnet = args.method == 'fitnet'
-    return FOFA(student, teacher, args.img_size, nq=args.nq, dim=args.dim, afp_stages=() if fitnet else args.afp,
-                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), fusion=args.afp_fusion, prompt=args.afp_prompt,
-                aligner=args.aligner, beta=args.beta,
-                gamma=args.gamma, **common)
+    return METHODS[args.method](args, student, teacher, num_classes)
 
 
 def save(obj, path):
@@ -289,7 +296,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                 os.remove(os.path.join(args.out, f))
         with open(os.path.join(args.out, 'args.json'), 'w') as f:
             json.dump(vars(args), f, indent=1)
-    if args.compile:  # student and teacher separately; RAA/AFP stay eager
+    if args.compile:  # student and teacher separately; the distillers' own modules stay eager
         student.compile()
         if teacher is not None:
             teacher.compile()
@@ -351,15 +358,14 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
         train_time = time.time() - t0
         top1, top5 = evaluate(student, val_loader, device, ctx)
         ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
-        afp = getattr(model, 'afp', None)  # the prompted teacher with this run's current feedback (README, Evidence)
-        prompted = evaluate(model.eval().prompted_teacher, val_loader, device, ctx)[0] if afp else None
+        extra = {f'{k}_top1': evaluate(f, val_loader, device, ctx)[0] for k, f in model.eval().extra_evals().items()}
         if not master:
             continue
         skipped = int(skipped.item())
         rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
                'skipped_steps': skipped,
                'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'teacher_top1': teacher_top1,
-               'prompted_teacher_top1': prompted,
+               **extra,
                'lr': opt.param_groups[0]['lr'],
                'img_per_s': round(steps * args.batch_size * world / train_time, 1),
                'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
