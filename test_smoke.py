@@ -354,8 +354,9 @@ def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
                        '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'fofa'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
+    assert list(rows) == ['ce', 'kd', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
     assert rows['ce']['flops'] < rows['kd']['flops'] < rows['fofa']['flops']
+    assert rows['ce']['extra_params'] == rows['kd']['extra_params'] == 0 < rows['fbt']['extra_params']
     assert 'FOFA floor' in capsys.readouterr().out
 
 
