@@ -5,7 +5,8 @@
 
 Accepts train.py's flags (--method is ignored; --methods lists what to time). Prints images/s, ms/step (median),
 peak memory (CUDA max allocated, or peak RSS on CPU sampled during the steps), FLOPs per step, the ratios to ce and kd,
-and FOFA's floor: student fwd+bwd, plain teacher fwd, prompted teacher fwd + bwd to its input (no weight gradients).
+each method's extra trainable parameters (beyond the student's), and FOFA's floor: student fwd+bwd, plain teacher fwd,
+prompted teacher fwd + bwd to its input (no weight gradients).
 """
 import ctypes
 import gc
@@ -100,7 +101,9 @@ def bench(args, method, device, x, y, ctx):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated() if device != 'cpu' else rss.peak
-    row = dict(method=method, ms=1000 * statistics.median(times), mem=mem / 2**30, flops=flops(step) / 1e9)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
+    row = dict(method=method, ms=1000 * statistics.median(times), mem=mem / 2**30, flops=flops(step) / 1e9,
+               extra_params=(count(model) - count(model.student)) / 1e6)  # the method's own modules, training only
     if method == 'kd':  # the pieces of FOFA's floor
         t = model.teacher
         row['t_fwd'] = flops(lambda: t(x)) / 1e9
@@ -115,7 +118,7 @@ def main(argv=None):
     p = train.parser()
     p.add_argument('--steps', type=train.COUNT, default=5, help='timed steps')
     p.add_argument('--warmup', type=train.NATURAL, default=2, help='untimed steps first (compile, allocator)')
-    p.add_argument('--methods', default='ce,kd,fofa', help='comma list of methods to time')
+    p.add_argument('--methods', default='ce,kd,fofa,fbt,hcd', help='comma list of methods to time (train.METHODS)')
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(',')]
     if not set(methods) <= set(train.METHODS):
@@ -150,11 +153,13 @@ def main(argv=None):
         rows[m] = bench(args, m, device, x, y, ctx)
         release_memory(device)
     ce, kd = rows.get('ce'), rows.get('kd')
-    print(f"{'method':8} {'img/s':>8} {'ms/step':>9} {'peak GB':>8} {'GFLOP':>8} {'t/ce':>6} {'t/kd':>6} {'mem/kd':>7} {'FLOP/kd':>8}")
+    print(f"{'method':8} {'img/s':>8} {'ms/step':>9} {'peak GB':>8} {'GFLOP':>8} {'t/ce':>6} {'t/kd':>6} {'mem/kd':>7} "
+          f"{'FLOP/kd':>8} {'extra M':>8}")
     for m, r in rows.items():
         rel = lambda base, k: f"{r[k] / base[k]:.2f}" if base else '-'
         print(f"{m:8} {1000 * args.batch_size / r['ms']:8.1f} {r['ms']:9.1f} {r['mem']:8.2f} {r['flops']:8.1f} "
-              f"{rel(ce, 'ms'):>6} {rel(kd, 'ms'):>6} {rel(kd, 'mem'):>7} {rel(kd, 'flops'):>8}")
+              f"{rel(ce, 'ms'):>6} {rel(kd, 'ms'):>6} {rel(kd, 'mem'):>7} {rel(kd, 'flops'):>8} {r['extra_params']:8.3f}")
+    print('extra M: trainable parameters beyond the student (millions), used in training only')
     if kd and 'fofa' in rows:
         floor = (kd['flops'] + kd['t_fwd'] + kd['t_bwd_input']) / kd['flops']
         measured = rows['fofa']['ms'] / kd['ms']

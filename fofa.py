@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from losses import afp_reg, hcl, kd, ofa
+from losses import afp_reg, hcl, kd
 
 
 class Distiller(nn.Module):
@@ -57,34 +57,9 @@ class Distiller(nn.Module):
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         return self.loss(logits, t_logits, targets, feats, t_feats)
 
-
-class OFA(Distiller):
-    """OFA-KD baseline (Hao et al. 2023): every chosen student stage gets a head to logits, trained with the OFA loss
-    against the teacher; the final logits get it too. Stage maps are (B, C, H, W) for every family, so one head
-    design (stride-2 separable convs down to the last stage's size, 1x1 conv, pool, linear) serves CNN, ViT and MLP."""
-
-    def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
-        super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)}, **kw)
-        _, s_out = student.shapes(img_size)
-        width = max(s_out[3][0], teacher.shapes(img_size)[1][3][0])
-        self.heads = nn.ModuleDict({str(i - 1): self.head(s_out[i - 1], s_out[3][1], width, num_classes)
-                                    for i in stages})
-        self.eps = eps
-
-    @staticmethod
-    def head(shape, final_size, width, num_classes):
-        c, h, layers = shape[0], shape[1], []
-        while h > final_size:
-            layers += [nn.Conv2d(c, c, 3, 2, 1, groups=c), nn.Conv2d(c, 2 * c, 1), nn.GELU()]
-            c, h = 2 * c, (h + 1) // 2
-        return nn.Sequential(*layers, nn.Conv2d(c, width, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                             nn.LayerNorm(width), nn.Linear(width, num_classes))
-
-    def distill(self, images, targets, logits, feats, t_logits, t_feats):
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
-        losses['ofa_stages'] = sum(ofa(h(feats[int(i)]).float(), t_logits, targets, self.eps)
-                                   for i, h in self.heads.items())
-        return losses
+    def extra_evals(self):
+        """{name: fn(images) -> (logits, ...)}: other models to test each epoch, logged as <name>_top1."""
+        return {}
 
 
 class Patchify(nn.Module):
@@ -254,6 +229,9 @@ class FOFA(Distiller):
     def prompted_teacher(self, images):
         """The teacher with the current prompts and feedback: (logits, feats)."""
         return self.teacher(images, {int(i): afp for i, afp in self.afp.items()})
+
+    def extra_evals(self):  # the prompted teacher with this run's current feedback (README, Evidence)
+        return {'prompted_teacher': self.prompted_teacher} if len(self.afp) else {}
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         aligned = self.raa(feats)

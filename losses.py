@@ -82,6 +82,23 @@ def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
     return -(w * F.log_softmax(s / T, -1)).sum(-1).mean()
 
 
+def info_nce(query, keys, log_scale):
+    """InfoNCE with in-batch negatives (FBT Eq. 3): CE over the batch's keys of cos(q_i, k_j) / tau, the positive k_i
+    on the diagonal. log_scale = log(1 / tau), learnable as in CLIP, whose cap of 100 on 1 / tau we keep."""
+    q, k = F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1)
+    with torch.autocast(q.device.type, enabled=False):  # float32 similarities under bf16 autocast too
+        return F.cross_entropy(q @ k.t() * log_scale.float().exp().clamp(max=100), torch.arange(len(q), device=q.device))
+
+
+def orthogonality(sub_logits, target, theta=0.5):
+    """HCD's orthogonality loss on (B, n, K) sub-logits: mean over samples and pairs j != k of relu(cos - theta)^2,
+    the target column set to 0 first (not -1e6, which overflows fp16 and swamps every other column in bf16)."""
+    z = F.normalize(sub_logits.float().masked_fill(F.one_hot(target, sub_logits.shape[-1]).bool()[:, None], 0), dim=-1)
+    off = ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+    cos = (z[:, :, None] * z[:, None]).sum(-1)  # (B, n, n); elementwise, so float32 under autocast too
+    return F.relu(cos[:, off] - theta).pow(2).mean()
+
+
 def _pdist(e):
     d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt()
     return d * (1 - torch.eye(len(e), device=e.device))

@@ -20,8 +20,9 @@ import data
 import eval as evaluate_script
 import models
 import train
+from baselines import FBT, HCD
 from fofa import FOFA, RAA
-from losses import cc, dist, dkd, dkd_parts, hcl, kd, ofa, rkd
+from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
 torch.set_num_threads(2)
 
@@ -194,6 +195,98 @@ def test_kd_and_hcl_match_hand_written_formulas():
     torch.testing.assert_close(hcl(small_s, small_t), expected)
 
 
+# ---------------------------------------------------------------- FBT and HCD (baselines.py)
+# CNN->ViT: the fused model takes the teacher's CNN stages; ViT->CNN and Swin->MLP (no CNN): the student's stages 1-3
+BASELINE_PAIRS = [('convnext_mini', 'vit_mini', True), ('vit_mini', 'resnet_mini', False),
+                  ('swin_mini', 'mixer_mini', False)]
+
+
+def small_baseline(method, teacher, student, seed=0):
+    torch.manual_seed(seed)
+    s, t = models.create(student, 10), models.create(teacher, 10)
+    return FBT(s, t, img_size=32) if method == 'fbt' else HCD(s, t, img_size=32, num_classes=10)
+
+
+def test_info_nce_matches_a_loop_with_positives_on_the_diagonal():
+    q, k = _rand(5, 8, seed=30, scale=1.0), _rand(5, 8, seed=31, scale=1.0)
+    for tau in (0.07, 1.0):
+        total = 0.0
+        for i in range(5):
+            sims = [float(q[i] @ k[j] / (q[i].norm() * k[j].norm())) / tau for j in range(5)]
+            total -= sims[i] - math.log(sum(math.exp(s) for s in sims))
+        assert abs(info_nce(q, k, torch.tensor(math.log(1 / tau))).item() - total / 5) < 1e-4
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # similarities stay float32
+        assert abs(info_nce(q.bfloat16(), k.bfloat16(), torch.tensor(0.0)).item() - total / 5) < 1e-2
+    cap = info_nce(q, k, torch.tensor(math.log(100.0)))  # 1 / tau is capped at 100, as in CLIP
+    assert torch.allclose(info_nce(q, k, torch.tensor(8.0)), cap)
+    scale = torch.tensor(2.0, requires_grad=True)
+    info_nce(q, k, scale).backward()
+    assert scale.grad.abs() > 0  # the temperature is learnable
+
+
+def test_orthogonality_zero_hand_value_and_bf16_masking():
+    y = torch.tensor([0])
+    assert orthogonality(torch.tensor([[[9.0, 1.0, 0.0], [9.0, 0.0, 1.0]]]), y).item() == 0  # orthogonal without y
+    z = torch.tensor([[[5.0, 1.0, 0.0], [-5.0, 1.0, 1.0]]])  # cos = 1 / sqrt(2) once column 0 is zeroed
+    assert abs(orthogonality(z, y).item() - (2 ** -0.5 - 0.5) ** 2) < 1e-6
+    assert orthogonality(z, y, theta=0.75).item() == 0
+    # bf16: the target column is zeroed, not set to -1e6 (which swamps every cosine in bf16, and overflows fp16)
+    z = torch.tensor([[[3e4, 1, 0, 2], [-3e4, 0, 1, 0]], [[1, 2, 3, 4], [4, 3, 2, 1]]], dtype=torch.bfloat16,
+                     requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = orthogonality(z, torch.tensor([0, 1]))
+    cos = 14 / (26 ** 0.5 * 21 ** 0.5)  # second sample, column 1 zeroed: [1, 0, 3, 4] . [4, 0, 2, 1]
+    assert loss.dtype == torch.float32 and abs(loss.item() - 2 * (cos - 0.5) ** 2 / 4) < 1e-6
+    loss.backward()
+    assert torch.isfinite(z.grad.float()).all()
+
+
+@pytest.mark.parametrize('method', ['fbt', 'hcd'])
+@pytest.mark.parametrize('teacher,student,teacher_first', BASELINE_PAIRS)
+def test_fbt_hcd_step_trains_every_new_module_not_the_teacher(method, teacher, student, teacher_first):
+    d = small_baseline(method, teacher, student)
+    before = {k: v.clone() for k, v in d.teacher.state_dict().items()}
+    opt = torch.optim.SGD(d.parameters(), lr=0.1)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits, losses = d(x, y)
+    if method == 'fbt':  # the fused model: stages 1-3 of side a, L2G, stage 4 and head of side b
+        assert d.t_first == teacher_first
+        a, b = (d.teacher, d.student) if teacher_first else (d.student, d.teacher)
+        assert (d.l2g[0].in_channels, d.l2g[0].out_channels) == (a.shapes(32)[1][2][0], b.shapes(32)[0][3][0])
+        # L(t, f) reaches the student's stage 4 when it is side b, its stage 1 when it is side a
+        reached = [any(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(
+            losses['teacher_fused'], list(d.student._stages[i].parameters()), retain_graph=True, allow_unused=True))
+            for i in (0, 3)]
+        assert reached == [not teacher_first, teacher_first]
+    losses['total'].backward()
+    new = {n: p for n, p in d.named_parameters() if not n.startswith('student.')}
+    assert new and [n for n, p in new.items() if p.grad is None or not p.grad.abs().sum()] == []
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in d.teacher.state_dict().items())
+    assert all(p.grad is None for p in d.teacher.parameters()) and not d.teacher.training
+    if method == 'fbt':
+        assert d.eval().extra_evals()['fused'](x)[0].shape == (4, 10)
+
+
+@pytest.mark.parametrize('method', ['fbt', 'hcd'])
+def test_fbt_hcd_bf16_autocast_step_and_checkpoint_round_trip(method):
+    d = small_baseline(method, 'convnext_mini', 'vit_mini')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _, losses = d(torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    losses['total'].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for n, p in d.named_parameters() if not n.startswith('student.'))
+    with torch.no_grad():
+        for p in d.parameters():
+            p.add_(0.01)  # moved away from their initial values, temperatures included
+    other = small_baseline(method, 'convnext_mini', 'vit_mini', seed=1)
+    other.load_state_dict(d.state_dict())  # strict: the same modules, parameters and temperatures
+    assert all(torch.equal(p, q) for p, q in zip(d.parameters(), other.parameters()))
+    if method == 'fbt':
+        assert 'log_scale' in d.state_dict() and 'prefix' in d.state_dict()
+
+
 # ---------------------------------------------------------------- trainer, eval, DDP (digits, offline)
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--dataset', 'digits', '--train-fraction', '0.3', '--batch-size', '32', '--dim', '64', '--log-every', '1000']
@@ -263,8 +356,9 @@ def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
                        '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'fofa'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
+    assert list(rows) == ['ce', 'kd', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
     assert rows['ce']['flops'] < rows['kd']['flops'] < rows['fofa']['flops']
+    assert rows['ce']['extra_params'] == rows['kd']['extra_params'] == 0 < rows['fbt']['extra_params']
     assert 'FOFA floor' in capsys.readouterr().out
 
 
@@ -304,10 +398,12 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     torch.save(models.create('resnet_mini', 10).net.state_dict(), teacher)
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'train.py', *TINY,
            '--teacher', 'resnet_mini', '--student', 'mixer_mini', '--teacher-ckpt', str(teacher), '--epochs', '1',
-           '--out', str(tmp_path / 'ddp')]
+           '--method', 'fbt', '--out', str(tmp_path / 'ddp')]  # (FOFA under torchrun: the DDP-equals-one test)
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'global batch 64' in r.stdout and os.path.isfile(tmp_path / 'ddp' / 'last.pt')
+    log = json.loads(open(tmp_path / 'ddp' / 'log.jsonl').read())  # the fused model (student stage 4) is tested too
+    assert 0 <= log['fused_top1'] <= 100 and {'teacher_student', 'teacher_fused', 'fused_student'} <= log.keys()
 
 
 

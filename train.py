@@ -12,6 +12,7 @@ exactly and ends with the same weights as an uninterrupted one.
 """
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -32,7 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import models
-from fofa import FOFA, OFA, Distiller
+from baselines import FBT, HCD, OFA
+from fofa import FOFA, Distiller
 import losses
 
 # the official configs (notes section 6): CNN students get SGD, ViT/MLP students AdamW with mixup and RandAugment
@@ -41,8 +43,28 @@ RECIPES = {
     'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=None, smoothing=0.1),
     'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5, clip=5.0, smoothing=0.1),
 }
-METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'ce')
-CNN_FAMILIES = ('resnet', 'convnext', 'mobilenet')
+hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
+emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
+common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)  # what every distiller takes
+pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
+fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
+    nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
+    prompt=a.afp_prompt, aligner=a.aligner, beta=a.beta, gamma=a.gamma), **kw})  # kw: overrides (FitNet)
+# --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
+# its class (baselines.py) or loss (losses.py), and its tests.
+METHODS = {
+    'fofa': lambda a, s, t, n: fofa(a, s, t),
+    'fitnet': lambda a, s, t, n: fofa(a, s, t, afp_stages=(), raa=False),  # FOFA without RAA and AFP
+    'kd': pure(lambda a, s, t, *_: {'kd': losses.kd(s, t, a.kd_t)}),
+    'dkd': pure(lambda a, s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *a.dkd)}),
+    'dist': pure(lambda a, s, t, *_: {'dist': losses.dist(s, t, *a.dist)}),
+    'ofa': lambda a, s, t, n: OFA(s, t, a.img_size, n, a.ofa, a.ofa_eps, **common(a)),
+    'rkd': pure(lambda a, s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))}),
+    'cc': pure(lambda a, s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}),
+    'fbt': lambda a, s, t, n: FBT(s, t, a.img_size, a.ofa_eps, **common(a)),
+    'hcd': lambda a, s, t, n: HCD(s, t, a.img_size, n, a.hcd_n, a.hcd_kl, **common(a)),
+    'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
+}
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 RESUMABLE = {'epochs', 'workers', 'log_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
              'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other flag may
@@ -65,6 +87,7 @@ def ranged(kind, accepted, ok):  # an argparse type: a finite int or float for w
 COUNT, NATURAL = ranged(int, 'an integer >= 1', lambda v: v >= 1), ranged(int, 'an integer >= 0', lambda v: v >= 0)
 POSITIVE, NONNEG = ranged(float, 'a number > 0', lambda v: v > 0), ranged(float, 'a number >= 0', lambda v: v >= 0)
 DECAY, FRACTION = ranged(float, 'in [0, 1)', lambda v: 0 <= v < 1), ranged(float, 'in (0, 1]', lambda v: 0 < v <= 1)
+hms = lambda seconds: str(datetime.timedelta(seconds=round(seconds)))
 
 
 def parser():
@@ -93,8 +116,10 @@ def parser():
     a('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
     a('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
     a('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
-    a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA modulating exponent epsilon')
+    a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
+    a('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
+    a('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL')
     a('--epochs', type=COUNT, default=30)
     a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
     a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
@@ -261,29 +286,13 @@ def create(name, num_classes, norm=(None, None), weights=None):
 
 
 def build(args, num_classes):
-    """The trainable module for --method, holding the frozen teacher (FitNet = FOFA without RAA and AFP)."""
+    """The trainable module for --method (METHODS), holding the frozen teacher."""
     norm = data.NORM[args.dataset] or (None, None)
     student = create(args.student, num_classes, norm, args.pretrained and args.method == 'ce' or None)
     if args.method == 'ce':
-        return Distiller(student, label_smoothing=args.smoothing)
+        return METHODS['ce'](args, student, None, num_classes)
     teacher = create(args.teacher, num_classes, norm, args.teacher_ckpt)  # (bench.py times random teachers)
-    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
-    hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
-    emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
-    loss = {'kd': lambda s, t, *_: {'kd': losses.kd(s, t, args.kd_t)},
-            'dkd': lambda s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *args.dkd)},
-            'dist': lambda s, t, *_: {'dist': losses.dist(s, t, *args.dist)},
-            'rkd': lambda s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))},
-            'cc': lambda s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}}
-    if args.method in loss:
-        return Distiller(student, teacher, loss[args.method], **common)
-    if args.method == 'ofa':
-        return OFA(student, teacher, args.img_size, num_classes, args.ofa, args.ofa_eps, **common)
-    fitnet = args.method == 'fitnet'
-    return FOFA(student, teacher, args.img_size, nq=args.nq, dim=args.dim, afp_stages=() if fitnet else args.afp,
-                feedback=not args.no_feedback, raa=not (args.no_raa or fitnet), fusion=args.afp_fusion, prompt=args.afp_prompt,
-                aligner=args.aligner, beta=args.beta,
-                gamma=args.gamma, **common)
+    return METHODS[args.method](args, student, teacher, num_classes)
 
 
 def save(obj, path):
@@ -313,56 +322,80 @@ def evaluate(net, loader, device, ctx):
     return (100 * correct[:2] / correct[2]).tolist()
 
 
-def train(args, ddp_rank=0, world=1, device='cpu'):
-    master = ddp_rank == 0
+def setup(args, ddp_rank, world, device):
+    """The recipe's defaults for unset flags; the loaders, model, optimizer (fused where timm has one: faster, and it
+    skips a non-finite step without a host sync), per-step cosine schedule and EMA."""
     recipe = RECIPES[args.recipe]
-    for k in ('opt', 'lr', 'wd'):
-        if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
+    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd') if getattr(args, k) is None})
     if args.warmup_epochs is None:
         args.warmup_epochs = recipe['warmup'] * args.epochs
     args.smoothing = 0.0 if args.recipe == 'vit' else recipe['smoothing']  # vit: smoothing is folded into mixup
     torch.manual_seed(args.seed)
-    num_classes = data.num_classes(args.dataset, args.data_dir)
-    train_loader, val_loader, mixup = data.build_loaders(
+    loaders = data.build_loaders(
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers, world > 1, ddp_rank,
         world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
     try:
-        model = build(args, num_classes).to(device)
+        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
     except ValueError as e:
         raise SystemExit(str(e))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    student, teacher = model.student, model.teacher
     kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
-    try:  # fused kernels: faster, and they skip a non-finite step without a host sync (found_inf below)
+    try:
         opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
     except (TypeError, RuntimeError):  # not every timm optimizer has one
         opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
-    fused = opt.defaults.get('fused', False)
-    steps = len(train_loader)
+    steps = len(loaders[0])
     sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'], t_in_epochs=False,
                               warmup_t=int(args.warmup_epochs * steps), warmup_lr_init=recipe['warmup_lr'])
-    ema = ModelEmaV3(student, decay=args.ema) if args.ema else None
-    start, best, log_path = 0, {'top1': -1.0}, os.path.join(args.out, 'log.jsonl')
-    if args.resume:
-        ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-        if ddp_rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero (one step)
-            ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
-        model.load_state_dict(ck['model'], strict=not ddp_rank)
-        opt.load_state_dict(ck['optimizer'])
-        sched.load_state_dict(ck['scheduler'])
-        if ema:
-            ema.load_state_dict(ck['ema'])
-        start, best = ck['epoch'], ck['best']
-    elif master:
-        os.makedirs(args.out, exist_ok=True)
-        for f in ('log.jsonl', 'last.pt', 'best.pt'):  # --overwrite: a fresh run must not inherit the old log
-            if os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
-        with open(os.path.join(args.out, 'args.json'), 'w') as f:
-            json.dump(vars(args), f, indent=1)
-    if args.compile:  # student and teacher separately; RAA/AFP stay eager
+    return recipe, loaders, model, opt, sched, ModelEmaV3(model.student, decay=args.ema) if args.ema else None
+
+
+def start_run(args, model, opt, sched, ema, ddp_rank, device):
+    """--resume: everything back from <out>/last.pt. Otherwise --out is cleared of an old run's files (--overwrite: a
+    fresh run must not inherit its log) and gets args.json. Returns (the first epoch to run, the best so far)."""
+    if not args.resume:
+        if ddp_rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            for f in ('log.jsonl', 'last.pt', 'best.pt'):
+                if os.path.exists(os.path.join(args.out, f)):
+                    os.remove(os.path.join(args.out, f))
+            with open(os.path.join(args.out, 'args.json'), 'w') as f:
+                json.dump(vars(args), f, indent=1)
+        return 0, {'top1': -1.0}
+    ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
+    if ddp_rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero (one step)
+        ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
+    model.load_state_dict(ck['model'], strict=not ddp_rank)
+    opt.load_state_dict(ck['optimizer'])
+    sched.load_state_dict(ck['scheduler'])
+    if ema:
+        ema.load_state_dict(ck['ema'])
+    return ck['epoch'], ck['best']
+
+
+def save_epoch(args, rec, model, opt, sched, ema, best):
+    """rec to log.jsonl, the best student so far (raw or EMA) to best.pt, everything to last.pt. Returns the best."""
+    with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+    epoch, top1, ema_top1 = rec['epoch'], rec['top1'], rec['top1_ema']
+    use_ema = ema is not None and ema_top1 > top1
+    if max(top1, ema_top1 or -1) > best['top1']:
+        best = {'top1': max(top1, ema_top1 or -1), 'epoch': epoch, 'which': 'ema' if use_ema else 'raw'}
+        save({'student': (ema.module if use_ema else model.student).net.state_dict(), 'which': best['which'],
+              'epoch': epoch, 'args': vars(args)}, os.path.join(args.out, 'best.pt'))
+    save({'student': model.student.net.state_dict(), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
+          'scheduler': sched.state_dict(), 'ema': ema.state_dict() if ema else None, 'epoch': epoch,
+          'best': best, 'top1': top1, 'args': vars(args)}, os.path.join(args.out, 'last.pt'))
+    return best
+
+
+def train(args, ddp_rank=0, world=1, device='cpu'):
+    master = ddp_rank == 0
+    recipe, (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
+    start, best = start_run(args, model, opt, sched, ema, ddp_rank, device)
+    student, teacher, steps, fused = model.student, model.teacher, len(train_loader), opt.defaults.get('fused', False)
+    if args.compile:  # student and teacher separately; the distillers' own modules stay eager
         student.compile()
         if teacher is not None:
             teacher.compile()
@@ -370,15 +403,14 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     net = DDP(model, device_ids=[torch.device(device)] if device != 'cpu' else None,
               broadcast_buffers=False) if world > 1 else model
     ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp else nullcontext()
+    teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
     if master:
         print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at {args.img_size}px, '
               f'{world} process(es) x batch {args.batch_size} = global batch {world * args.batch_size}, '
-              f'{steps} steps/epoch, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters')
-    teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
-    if master and teacher is not None:
-        print(f'teacher {args.teacher} top-1 {teacher_top1:.2f}')
+              f'{steps} steps/epoch, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters'
+              + (f'; teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''))
     streak = worst = torch.zeros((), device=device)  # non-finite steps in a row: now, and the longest
-    nonfinite = {}  # per loss term, to name the culprit
+    nonfinite, epoch_s = {}, None  # non-finite steps per loss term, to name the culprit; seconds of the last epoch
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch, args.seed)
         model.train()
@@ -419,36 +451,26 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                     raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss ({names or "total"}): '
                                      'lower --lr or the weight of that term, or check the teacher checkpoint and data.')
                 if master and i + 1 < steps:
+                    step_s = (time.time() - t0) / (i + 1)
+                    left = step_s * (steps - i - 1)  # then the epochs to go, at the last epoch's pace if known
                     print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
-                          f'{(i + 1) * args.batch_size * world / (time.time() - t0):.1f} img/s', flush=True)
+                          f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
+                          f'{hms(left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps))}', flush=True)
         train_time = time.time() - t0
         top1, top5 = evaluate(student, val_loader, device, ctx)
         ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
-        afp = getattr(model, 'afp', None)  # the prompted teacher with this run's current feedback (README, Evidence)
-        prompted = evaluate(model.eval().prompted_teacher, val_loader, device, ctx)[0] if afp else None
-        if not master:
-            continue
-        skipped = int(skipped.item())
-        rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
-               'skipped_steps': skipped,
-               'top1': top1, 'top5': top5, 'top1_ema': ema_top1, 'teacher_top1': teacher_top1,
-               'prompted_teacher_top1': prompted,
-               'lr': opt.param_groups[0]['lr'],
-               'img_per_s': round(steps * args.batch_size * world / train_time, 1),
-               'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
-                                     __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(rec) + '\n')
-        print(json.dumps(rec), flush=True)
-        use_ema = ema is not None and ema_top1 > top1
-        weights = (ema.module if use_ema else student).net.state_dict()
-        if max(top1, ema_top1 or -1) > best['top1']:
-            best = {'top1': max(top1, ema_top1 or -1), 'epoch': epoch + 1, 'which': 'ema' if use_ema else 'raw'}
-            save({'student': weights, 'which': best['which'], 'epoch': epoch + 1, 'args': vars(args)},
-                 os.path.join(args.out, 'best.pt'))
-        save({'student': student.net.state_dict(), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
-              'scheduler': sched.state_dict(), 'ema': ema.state_dict() if ema else None, 'epoch': epoch + 1,
-              'best': best, 'top1': top1, 'args': vars(args)}, os.path.join(args.out, 'last.pt'))
+        extra = {f'{k}_top1': evaluate(f, val_loader, device, ctx)[0] for k, f in model.eval().extra_evals().items()}
+        if master:
+            skipped = int(skipped.item())
+            rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
+                   'skipped_steps': skipped, 'top1': top1, 'top5': top5, 'top1_ema': ema_top1,
+                   'teacher_top1': teacher_top1, **extra, 'lr': opt.param_groups[0]['lr'],
+                   'img_per_s': round(steps * args.batch_size * world / train_time, 1),
+                   'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
+                                         __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
+            best = save_epoch(args, rec, model, opt, sched, ema, best)
+            epoch_s = time.time() - t0  # training, tests and saving
+            print(json.dumps(rec), f'| run time left {hms(epoch_s * (args.epochs - epoch - 1))}', flush=True)
     if master:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, {best['which']} student; "
