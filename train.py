@@ -4,14 +4,11 @@
     torchrun --nproc_per_node 8 train.py --teacher convnext_t --student deit_t --dataset cifar100 --data-dir data
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 train.py ...          # and node_rank 1
 
-Without --teacher-ckpt the teacher is first trained with --method ce on the same data and cached in --teacher-dir.
-Each epoch appends a JSON line to <out>/log.jsonl and writes <out>/last.pt (everything needed to resume) and
-<out>/best.pt; under the key 'student' both hold a plain timm state_dict. Resume is at epoch granularity: the data
-order and augmentation of an epoch depend only on (seed, epoch), so a resumed run repeats the interrupted epoch
-exactly and ends with the same weights as an uninterrupted one.
+Without --teacher-ckpt the teacher is first trained with --method ce and cached in --teacher-dir. Each epoch appends
+a line to <out>/log.jsonl and writes <out>/last.pt (all to resume) and best.pt, with a timm state_dict under 'student'.
+An epoch's data depend only on (seed, epoch): --resume redoes the interrupted one exactly.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -77,7 +74,7 @@ class Parser(argparse.ArgumentParser):
 
 def ranged(kind, accepted, ok):  # an argparse type: a finite int or float for which ok(value) holds
     def parse(text):
-        with contextlib.suppress(ValueError, OverflowError):
+        with suppress(ValueError, OverflowError):
             if math.isfinite(v := kind(text)) and ok(v):
                 return v
         raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
@@ -104,12 +101,10 @@ def parser():
     a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
-    a('--afp-fusion', default='dw', choices=('dw', 'full'), help="FOFA: the fusion block's 5x5 conv: depthwise, or "
-      "full as in the official code")
+    a('--afp-fusion', default='dw', choices=('dw', 'full'), help='FOFA: 5x5 fusion conv: depthwise or official')
     a('--afp-prompt', default='spatial', choices=('spatial', 'channel'), help="FOFA: the SE gates a spatial prompt, "
       "or replaces it as in the official code (a per-channel bias)")
-    a('--aligner', default='ours', choices=('ours', 'official'), help='FOFA: LayerNorm + learned spatial map, or the '
-      'official BatchNorm (+ nearest upsampling for map teachers)')
+    a('--aligner', default='ours', choices=('ours', 'official'), help='FOFA: LayerNorm + spatial map, or official BN')
     a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
     a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
@@ -146,8 +141,7 @@ def parser():
     return p
 
 
-def get_args(argv=None):
-    return parser().parse_args(argv)
+get_args = lambda argv=None: parser().parse_args(argv)
 
 
 def check_args(args):
@@ -227,12 +221,11 @@ def family_recipe(name, img_size, role='student'):
     except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 pixel
         raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({str(e).splitlines()[0].rstrip(".")}'
                          f'): it takes {models.INPUT_SIZE.get(name) or net.net.pretrained_cfg["input_size"][-1]}.')
-    return 'cnn' if net.family in CNN_FAMILIES else 'vit'
+    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
 
 
 def load_weights(path, net, what):
-    """A state_dict of any timm >= 0.6.5, an official release or a timm CheckpointSaver file (its raw weights; PATH:ema
-    for its EMA ones), or our best.pt, into a timm model: renamed by timm's own filter for the family, then checked."""
+    """A timm or official state_dict, a CheckpointSaver file (PATH:ema: its EMA) or our best.pt, renamed by timm."""
     ema, path = path.endswith(':ema'), path.removesuffix(':ema')
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # CheckpointSaver's args; nothing else
@@ -265,8 +258,7 @@ def load_weights(path, net, what):
 
 
 def create(name, num_classes, norm=(None, None), weights=None):
-    """models.create with weights: None (random), True (timm's ImageNet weights, a new head below 1000 classes), 'timm'
-    (timm's whole ImageNet classifier) or a file for load_weights. Weights that timm cannot fetch end the run."""
+    """models.create with weights None (random), True (ImageNet, new head), 'timm' (the whole classifier) or a file."""
     if weights == 'timm' and num_classes != 1000:
         raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not {num_classes} classes: "
                          'pass a fine-tuned checkpoint file instead.')
@@ -287,11 +279,9 @@ def create(name, num_classes, norm=(None, None), weights=None):
 
 def build(args, num_classes):
     """The trainable module for --method (METHODS), holding the frozen teacher."""
-    norm = data.NORM[args.dataset] or (None, None)
-    student = create(args.student, num_classes, norm, args.pretrained and args.method == 'ce' or None)
-    if args.method == 'ce':
-        return METHODS['ce'](args, student, None, num_classes)
-    teacher = create(args.teacher, num_classes, norm, args.teacher_ckpt)  # (bench.py times random teachers)
+    norm, ce = data.NORM[args.dataset] or (None, None), args.method == 'ce'
+    student = create(args.student, num_classes, norm, args.pretrained and ce or None)
+    teacher = None if ce else create(args.teacher, num_classes, norm, args.teacher_ckpt)  # bench.py: random teachers
     return METHODS[args.method](args, student, teacher, num_classes)
 
 
@@ -323,17 +313,13 @@ def evaluate(net, loader, device, ctx):
 
 
 def setup(args, ddp_rank, world, device):
-    """The recipe's defaults for unset flags; the loaders, model, optimizer (fused where timm has one: faster, and it
-    skips a non-finite step without a host sync), per-step cosine schedule and EMA."""
-    recipe = RECIPES[args.recipe]
-    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd') if getattr(args, k) is None})
-    if args.warmup_epochs is None:
-        args.warmup_epochs = recipe['warmup'] * args.epochs
+    """The recipe's defaults for unset flags; loaders, model, optimizer (fused: no host sync), schedule and EMA."""
+    recipe = {**RECIPES[args.recipe], 'warmup_epochs': RECIPES[args.recipe]['warmup'] * args.epochs}
+    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd', 'warmup_epochs') if getattr(args, k) is None})
     args.smoothing = 0.0 if args.recipe == 'vit' else recipe['smoothing']  # vit: smoothing is folded into mixup
     torch.manual_seed(args.seed)
-    loaders = data.build_loaders(
-        args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers, world > 1, ddp_rank,
-        world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
+    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
+                                 world > 1, ddp_rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
     try:
         model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
     except ValueError as e:
@@ -352,13 +338,12 @@ def setup(args, ddp_rank, world, device):
 
 
 def start_run(args, model, opt, sched, ema, ddp_rank, device):
-    """--resume: everything back from <out>/last.pt. Otherwise --out is cleared of an old run's files (--overwrite: a
-    fresh run must not inherit its log) and gets args.json. Returns (the first epoch to run, the best so far)."""
+    """--resume: all from last.pt; else --out loses an old run's files (no inherited log). Returns (epoch, best)."""
     if not args.resume:
         if ddp_rank == 0:
             os.makedirs(args.out, exist_ok=True)
             for f in ('log.jsonl', 'last.pt', 'best.pt'):
-                if os.path.exists(os.path.join(args.out, f)):
+                with suppress(FileNotFoundError):
                     os.remove(os.path.join(args.out, f))
             with open(os.path.join(args.out, 'args.json'), 'w') as f:
                 json.dump(vars(args), f, indent=1)
