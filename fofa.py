@@ -1,17 +1,6 @@
 """FOFA: feature-based one-for-all distillation (region-aware attention + adaptive feedback prompts).
-
-Use it in any training loop (student and teacher are models.Staged; images in [0, 1]):
-
-    student = models.create('deit_t', num_classes=100)
-    teacher = models.create('convnext_t', num_classes=100)
-    teacher.net.load_state_dict(torch.load('convnext_t_cifar100.pth', weights_only=True))
-    distiller = FOFA(student, teacher, img_size=224).to(device)      # teacher is frozen and kept out of .parameters()
-    opt = torch.optim.AdamW(distiller.parameters(), lr=5e-4, weight_decay=0.05)
-    for images, labels in loader:
-        logits, losses = distiller(images.to(device), labels.to(device))
-        losses['total'].backward(); opt.step(); opt.zero_grad()
-    torch.save(student.net.state_dict(), 'student.pth')                 # a plain timm state_dict
-"""
+FOFA(student, teacher, img_size)(images in [0, 1], labels) -> (student logits, {loss: scalar, 'total'}), student and
+teacher being models.Staged: a module for any training loop (README, Use fofa.py in your own loop)."""
 import math
 
 import torch
@@ -23,11 +12,9 @@ from losses import afp_reg, hcl, kd
 
 
 class Distiller(nn.Module):
-    """A student trained with CE, plus `loss` against a frozen teacher when one is given.
-
-    loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}, each term weighted by alpha (default: KD).
-    The teacher is deliberately not a submodule: it has no trainable parameters, stays out of .parameters(),
-    state_dict() and DDP, and always runs in eval mode. .to()/.cuda()/.half() still move it along."""
+    """A student trained with CE, plus loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}, each term
+    weighted by alpha (default: KD), against a frozen teacher if given. The teacher is not a submodule: it stays out
+    of .parameters(), state_dict() and DDP and always runs in eval mode; .to()/.cuda()/.half() still move it."""
 
     def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__()
@@ -150,10 +137,8 @@ class SE(nn.Module):
 
 
 class AFP(nn.Module):
-    """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))).
-
-    feedback = M(F_S) - F_T' of the previous iteration, kept in the `feedback` buffer (stage-output shape).
-    beta starts at 0, so at initialisation the prompted teacher is the teacher."""
+    """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))), feedback =
+    M(F_S) - F_T' of the previous iteration (buffer). beta starts at 0: the prompted teacher starts as the teacher."""
 
     def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='spatial'):
         super().__init__()
@@ -167,8 +152,8 @@ class AFP(nn.Module):
         if use_feedback:
             # feedback from the stage output back to the stage input's channels (resized in forward)
             self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
-            # FB: 1x1, 5x5, 1x1, SE, 1x1. The 5x5 is depthwise by default ('dw'); the official one is a full conv
-            # ('full'), which adds about 2.6 ConvNeXt-T forwards of FLOPs per step at 224 px (README, Speed and memory)
+            # FB: 1x1, 5x5, 1x1, SE, 1x1; the 5x5 is depthwise ('dw') or, as official, full: +2.6 ConvNeXt-T forwards
+            # of FLOPs per step at 224 px (README, Speed and memory)
             groups = {'dw': c, 'full': 1}[fusion]
             self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
                                         nn.Conv2d(c, c, 1), se(c), nn.Conv2d(c, c, 1))
@@ -187,13 +172,12 @@ class AFP(nn.Module):
         return self.prompted(x, fb)
 
     def prompted(self, x, fb):
+        x_in = x
         if fb is not None:
             fb = self.fb_align(fb.to(x.dtype))
             if fb.shape[-2:] != x.shape[-2:]:
                 fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
             x_in = self.fusion(torch.cat([fb, x], 1))  # Eq. 6: FB(Concat(Feedback_i, F_i^T))
-        else:
-            x_in = x
         return x + self.beta * self.prompt(x_in)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -204,13 +188,10 @@ class AFP(nn.Module):
 
 
 class FOFA(Distiller):
-    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8).
-
-    FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i) (Eq. 2), against the prompted teacher's features;
-    Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4 (empty: no prompts, the plain teacher's features
-    are the targets). raa=False drops the attention (FitNet baseline). prompt='channel' and aligner='official' are the
-    official code's blocks (README, deliberate differences). Under DDP use broadcast_buffers=False: the feedback
-    buffers belong to each rank's own batch."""
+    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i)
+    (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4
+    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='channel', aligner='official':
+    the official blocks (README). Under DDP use broadcast_buffers=False: feedback buffers hold each rank's batch."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
                  raa=True, fusion='dw', prompt='spatial', aligner='ours', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
@@ -226,8 +207,7 @@ class FOFA(Distiller):
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
 
-    def prompted_teacher(self, images):
-        """The teacher with the current prompts and feedback: (logits, feats)."""
+    def prompted_teacher(self, images):  # the teacher with the current prompts and feedback: (logits, feats)
         return self.teacher(images, {int(i): afp for i, afp in self.afp.items()})
 
     def extra_evals(self):  # the prompted teacher with this run's current feedback (README, Evidence)
