@@ -4,10 +4,9 @@
     logits, feats = net(images)                         # images in [0, 1]; feats: 4 maps (B, C_i, H_i, W_i)
     logits, feats = net(images, prompts={0: fn})        # fn(map) -> map runs on the INPUT of stage 1 (AFP)
 
-Each family is one row of FAMILIES: how to run the stem, which timm modules make up each stage, and the layout of
-the tensors between stages. Stage taps follow the official code (notes section 2): isotropic models split their blocks
-2-2-6-2 (outputs of blocks 2, 4, 10, 12), Swin/ResNet/ConvNeXt tap each stage, MobileNetV2 ends stage 4 with the
-1280-channel head conv. The timm model is kept whole under `.net`, so its state_dict is a plain timm state_dict.
+Each family is one row of FAMILIES. Stage taps follow the official code (notes section 2): isotropic models split
+their blocks 2-2-6-2 (outputs of blocks 2, 4, 10, 12), Swin/ResNet/ConvNeXt tap each stage, MobileNetV2 ends stage 4
+with the 1280-channel head conv. The timm model is kept whole under `.net`: its state_dict is a plain timm one.
 """
 import math
 
@@ -26,17 +25,14 @@ def _isotropic(blocks):
     return [blocks[a:b] for a, b in zip([0] + ends[:3], ends)]
 
 
-def _mobilenet(m):
-    b = m.blocks  # depths 1,2,3,4,3,3,1: taps after flat blocks 2, 5, 12 and after conv_head + bn2
-    return [b[0:2], b[2:3], b[3:5], nn.Sequential(*b[5:], m.conv_head, m.bn2)]
-
-
 # family: (timm class, stem(m, x), stages(m) -> 4 modules, final norm before the head, layout between stages)
 FAMILIES = {
     'resnet': (ResNet, lambda m, x: m.maxpool(m.act1(m.bn1(m.conv1(x)))),
                lambda m: [m.layer1, m.layer2, m.layer3, m.layer4], None, 'nchw'),
     'convnext': (ConvNeXt, lambda m, x: m.stem(x), lambda m: list(m.stages), 'norm_pre', 'nchw'),
-    'mobilenet': (EfficientNet, lambda m, x: m.bn1(m.conv_stem(x)), _mobilenet, None, 'nchw'),
+    # MobileNetV2 block depths 1,2,3,4,3,3,1: taps after flat blocks 2, 5, 12 and after conv_head + bn2
+    'mobilenet': (EfficientNet, lambda m, x: m.bn1(m.conv_stem(x)), lambda m: [
+        m.blocks[0:2], m.blocks[2:3], m.blocks[3:5], nn.Sequential(*m.blocks[5:], m.conv_head, m.bn2)], None, 'nchw'),
     'vit': (VisionTransformer, lambda m, x: m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x)))),
             lambda m: _isotropic(m.blocks), 'norm', 'nlc'),
     'swin': (SwinTransformer, lambda m, x: m.patch_embed(x), lambda m: list(m.layers), 'norm', 'nhwc'),
@@ -125,9 +121,7 @@ class Staged(nn.Module):
 
 
 def create(name, num_classes, pretrained=False, mean=None, std=None, **kwargs):
-    """Build a Staged model from a short name (MODELS) or any timm name of a supported family.
-
-    mean/std default to the timm config of the model (what its pretrained weights expect)."""
+    """A Staged model from a short name (MODELS) or a timm name; mean/std default to its timm config's."""
     timm_name, defaults = MODELS.get(name, (name, {}))
     kwargs = {**defaults, **kwargs}
     if not isinstance(timm_name, str):  # a class built directly (small MLPs)
