@@ -31,10 +31,8 @@ def hcl(fs, ft):
 
 
 def dkd_parts(logits_s, logits_t, target, T=4.0):
-    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, without T^2: returns (TCKD, NCKD, b_T), all (B,).
-    TCKD = KL of the binary (target, rest) distributions; NCKD = KL(p~_T || p~_S) over the non-target classes,
-    renormalised exactly (the target column is dropped). b_T is the teacher's target probability at T, so that
-    KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD."""
+    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), with b_T the teacher's
+    target probability, so that KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: the target column dropped)."""
     s, t = logits_s.float() / T, logits_t.float() / T
     B, C = s.shape
     gt = F.one_hot(target, C).bool()
@@ -49,9 +47,8 @@ def dkd_parts(logits_s, logits_t, target, T=4.0):
 
 
 def dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, T=4.0):
-    """DKD loss alpha*TCKD + beta*NCKD, each times T^2, batch mean. Defaults are the DKD paper's CIFAR-100 setting
-    (alpha 1, beta 8, T 4); the OFA/PAT code's CLI defaults were alpha 1, beta 2, T 1, but that class was broken
-    (AttributeError on never-set attributes), so we follow the paper. target: class indices (int64)."""
+    """DKD loss (alpha * TCKD + beta * NCKD) * T^2, batch mean; target: class indices. Defaults: the paper's CIFAR-100
+    setting (the OFA/PAT code's alpha 1, beta 2, T 1 were for a class that raised AttributeError)."""
     tckd, nckd, _ = dkd_parts(logits_s, logits_t, target, T)
     return (alpha * tckd + beta * nckd).mean() * T * T
 
@@ -71,13 +68,10 @@ def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
 
 
 def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
-    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S, at temperature T (no T^2).
-    target: class indices (B,) or soft targets (B, C) from mixup/smoothing, whose argmax is taken as the class,
-    as in the official code. eps = 1 gives cross-entropy against the teacher's probabilities."""
+    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S at temperature T (no T^2);
+    soft targets (mixup) give their argmax class, as in the official code. eps = 1: CE against p_T."""
     s, t = logits_s.float(), logits_t.float()
-    if target.dim() == 2:
-        target = target.argmax(-1)
-    y = F.one_hot(target, s.shape[-1]).float()
+    y = F.one_hot(target.argmax(-1) if target.dim() == 2 else target, s.shape[-1]).float()
     w = (F.softmax(t / T, -1) + y).pow(eps) - y
     return -(w * F.log_softmax(s / T, -1)).sum(-1).mean()
 
@@ -110,9 +104,8 @@ def _angles(e):
 
 
 def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
-    """RKD (Park et al., CVPR'19) Eq. 6-9: smooth-L1 between the pairwise-distance matrices, each divided by its mean
-    off-diagonal distance, times w_dist, plus smooth-L1 between the triplet angle cosines, times w_angle.
-    Student and teacher dims may differ (the matrices are B x B)."""
+    """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each over its off-diagonal
+    mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and teacher dims may differ (B x B matrices)."""
     s, t = emb_s.float(), emb_t.float()
     ds, dt = _pdist(s), _pdist(t)
     off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
@@ -121,8 +114,7 @@ def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
 
 
 def cc(emb_s, emb_t):
-    """Correlation congruence (Peng et al., ICCV'19) Eq. 4: mean squared difference of the B x B batch correlation
-    matrices. We use the plain Gram of L2-normalised embeddings (cosine kernel) instead of the paper's Taylor-expanded
-    Gaussian RBF (a power series in the same cosine). Student and teacher dims may differ."""
+    """Correlation congruence (Peng et al., ICCV'19) Eq. 4: MSE of the B x B batch correlations, here the Gram of
+    L2-normalised embeddings (cosine) for the paper's Taylor-expanded RBF (a series in that cosine). Dims may differ."""
     s, t = F.normalize(emb_s.float(), dim=-1), F.normalize(emb_t.float(), dim=-1)
     return (s @ s.t() - t @ t.t()).pow(2).mean()
