@@ -1,9 +1,5 @@
-"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits.
-
-Loaders yield (images, labels): images are float tensors in [0, 1], NOT normalised (each model
-normalises its own input, teacher and student may use different stats); labels are int64.
-Mixup/CutMix is returned as a separate callable for train.py to apply to each batch.
-"""
+"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits. Loaders yield int64 labels and images
+in [0, 1], NOT normalised: each model normalises its own input (teacher and student may use different stats)."""
 import os
 import random
 
@@ -41,8 +37,7 @@ auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_O
 def num_classes(dataset, data_dir=None):
     if dataset != 'imagenet':
         return NUM_CLASSES[dataset]
-    train = os.path.join(_need_dir(dataset, data_dir), 'train')
-    _need_imagefolder(train)
+    train = _need_imagefolder(os.path.join(_need_dir(dataset, data_dir), 'train'))
     return sum(e.is_dir() for e in os.scandir(train))
 
 
@@ -56,12 +51,12 @@ def _need_imagefolder(path):
     if not os.path.isdir(path):
         raise SystemExit(f"ImageNet folder {path} not found: --data-dir must contain "
                          "train/<class>/*.JPEG and val/<class>/*.JPEG.")
+    return path
 
 
 def _transform(dataset, img_size, recipe, train):
     if not train:  # Resize(img_size / 0.875) + CenterCrop(img_size)
-        return create_transform(img_size, crop_pct=0.875, interpolation='bilinear',
-                                mean=IDENTITY[0], std=IDENTITY[1])
+        return create_transform(img_size, crop_pct=0.875, interpolation='bilinear', mean=IDENTITY[0], std=IDENTITY[1])
     vit = recipe == 'vit'
     # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
     # vit pipeline is built with real stats and the Normalize is undone at the end.
@@ -70,8 +65,7 @@ def _transform(dataset, img_size, recipe, train):
                           auto_augment='rand-m9-mstd0.5-inc1' if vit else None,
                           re_prob=0.25 if vit else 0., re_mode='pixel', mean=mean, std=std)
     if vit:
-        tf.transforms.append(torchvision.transforms.Normalize(
-            [-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
+        tf.transforms.append(torchvision.transforms.Normalize([-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
     return tf
 
 
@@ -86,9 +80,7 @@ def _image_datasets(dataset, data_dir, img_size, recipe):
             raise SystemExit(f"CIFAR-100 not found in {os.path.join(data_dir, 'cifar-100-python')} and "
                              f"download failed ({e}): download and extract cifar-100-python.tar.gz "
                              f"from https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir}.")
-    paths = [os.path.join(data_dir, split) for split in ('train', 'val')]
-    for p in paths:
-        _need_imagefolder(p)
+    paths = [_need_imagefolder(os.path.join(data_dir, split)) for split in ('train', 'val')]
     train, val = (torchvision.datasets.ImageFolder(p, tf) for p, tf in zip(paths, (tf_train, tf_val)))
     if train.classes != val.classes:
         raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
@@ -104,8 +96,7 @@ def _digits_datasets(img_size, train_fraction):
     x = F.interpolate(x, size=img_size, mode='bilinear', align_corners=False).clamp(0, 1)
     x, y = x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target, dtype=torch.int64)
     # the split and the train subset are fixed (random_state=0), independent of the run seed
-    idx = np.arange(len(y))
-    train_idx, val_idx = train_test_split(idx, test_size=0.3, stratify=d.target, random_state=0)
+    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target, random_state=0)
     if train_fraction < 1:
         train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
                                         stratify=d.target[train_idx], random_state=0)
@@ -114,9 +105,8 @@ def _digits_datasets(img_size, train_fraction):
 
 
 class Digits(torch.utils.data.Dataset):
-    """Digits in memory. Training images get a random shift of up to +-pad pixels (zero pad + crop; no flips: they
-    change digits), drawn from (seed, epoch, index): the same image gets the same shift however the data is split
-    across processes, so N processes see exactly the batches one process would."""
+    """Digits in memory; training images shift by up to +-pad pixels (no flips: they change digits), drawn from
+    (seed, epoch, index): N processes see exactly the batches one process would."""
     def __init__(self, x, y, pad=0):
         self.x, self.y, self.pad, self.seed = x, y, pad, 0
 
@@ -132,10 +122,9 @@ class Digits(torch.utils.data.Dataset):
         return x, self.y[i]
 
 
-def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
-                  distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
-                  pin_memory=False):
-    """Returns (train_loader, val_loader, mixup_fn_or_None)."""
+def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4, distributed=False, rank=0,
+                  world_size=1, seed=0, train_fraction=1.0, pin_memory=False):
+    """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to each batch."""
     if dataset not in DATASETS:
         raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
     if recipe not in ('cnn', 'vit'):
@@ -159,19 +148,16 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, shuffle=False,  # no grad: 4x the batch
                             num_workers=workers, pin_memory=pin_memory, drop_last=False)
     if len(train_loader) == 0:
-        raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than "
-                         f"--batch-size {batch_size}: lower the batch size.")
-    mixup = None
-    if recipe == 'vit':  # soft targets with label smoothing folded in
-        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
-                      label_smoothing=0.1, num_classes=num_classes(dataset, data_dir))
+        raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than --batch-size {batch_size}: "
+                         "lower the batch size.")
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch', label_smoothing=0.1,
+                  num_classes=num_classes(dataset, data_dir)) if recipe == 'vit' else None  # soft, smoothing folded in
     return train_loader, val_loader, mixup
 
 
 def set_epoch(loader, epoch, seed):
-    """Make the epoch's sample order and augmentation a function of (seed, epoch) only.
-    Also reseeds the global RNGs: in-process randomness (PIL transforms when workers=0, Mixup's
-    numpy draws, dropout) comes from them, so resuming at an epoch boundary is bit-exact."""
+    """The epoch's sample order and augmentation, and the global RNGs (PIL transforms when workers=0, Mixup's numpy
+    draws, dropout), a function of (seed, epoch) only: resuming at an epoch boundary is bit-exact."""
     loader.sampler.seed = seed
     loader.sampler.set_epoch(epoch)  # same permutation on all ranks, disjoint shards
     rank = loader.sampler.rank  # ranks must not share augmentation streams
