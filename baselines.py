@@ -11,9 +11,8 @@ from losses import info_nce, kd, ofa, orthogonality
 
 
 class OFA(Distiller):
-    """OFA-KD baseline (Hao et al. 2023): every chosen student stage gets a head to logits, trained with the OFA loss
-    against the teacher; the final logits get it too. Stage maps are (B, C, H, W) for every family, so one head
-    design (stride-2 separable convs down to the last stage's size, 1x1 conv, pool, linear) serves CNN, ViT and MLP."""
+    """OFA-KD (Hao et al. 2023): the OFA loss on the final logits and on a head per chosen student stage (stride-2
+    separable convs to the last stage's size, 1x1 conv, pool, linear: one design for the maps of every family)."""
 
     def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
         super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)}, **kw)
@@ -82,10 +81,9 @@ class FBT(Distiller):
 
 
 class HCD(Distiller):
-    """HCD (Xu et al., AAAI'26) as notes section 2 reconstructs it. On each student stage, a projector (OFA's head
-    without its Linear) and a mapper (Linear-ReLU-Linear) from [stage feature; teacher's pooled last stage] to n
-    sub-logits, each fused with the teacher's logits. L = CE + KD + sum over stages, of the fused sub-logits, of
-    CE, w_kl * KL(sub-logit || student) and the orthogonality loss."""
+    """HCD (Xu et al., AAAI'26) as notes section 2 reconstructs it: per student stage, a projector (OFA's head less its
+    Linear) and a Linear-ReLU-Linear mapper from [stage feature; teacher's pooled last stage] to n sub-logits, each
+    plus the teacher's logits. L = CE + KD + over stages and sub-logits: CE + w_kl * KL(sub || student) + orthog."""
 
     def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, theta=0.5, kd_t=1.0, **kw):
         super().__init__(student, teacher, kd_t=kd_t, **kw)

@@ -61,8 +61,7 @@ def draw_attention(args):
     attn = model.raa.attn.mean((0, 1))  # (N_q, N_q)
     n, cell = attn.shape[0], max(1, 512 // attn.shape[0])
     v = ((attn - attn.min()) / (attn.max() - attn.min() + 1e-12)).numpy() * (len(COLORS) - 1)  # min-max contrast
-    lo = np.floor(v).clip(0, len(COLORS) - 2).astype(int)
-    rgb = COLORS[lo] + (v - lo)[..., None] * (COLORS[lo + 1] - COLORS[lo])
+    rgb = np.stack([np.interp(v, range(len(COLORS)), c) for c in COLORS.T], -1)  # linear between the colours
     img = np.kron(rgb, np.ones((cell, cell, 1)))
     for b in range(1, 4):  # stage boundaries
         img[b * n // 4 * cell - 1, :] = img[:, b * n // 4 * cell - 1] = 255
