@@ -227,7 +227,7 @@ def family_recipe(name, img_size, role='student'):
     except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 pixel
         raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({str(e).splitlines()[0].rstrip(".")}'
                          f'): it takes {models.INPUT_SIZE.get(name) or net.net.pretrained_cfg["input_size"][-1]}.')
-    return 'cnn' if net.family in CNN_FAMILIES else 'vit'
+    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
 
 
 def load_weights(path, net, what):
