@@ -289,9 +289,10 @@ def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
                        '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'fofa'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
-    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['fofa']['flops']
-    assert 'FOFA floor' in capsys.readouterr().out
+    assert list(rows) == ['ce', 'kd', 'floor', 'fofa'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
+    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['floor']['flops'] < rows['fofa']['flops']
+    assert rows['ce']['extra'] == rows['kd']['extra'] == rows['floor']['extra'] == 0 < rows['fofa']['extra']
+    assert 'FOFA / floor' in capsys.readouterr().out
 
 
 def test_conv_backward_flops_count_groups():
