@@ -172,12 +172,14 @@ class AFP(nn.Module):
         return self.prompted(x, fb)
 
     def prompted(self, x, fb):
-        x_in = x
+        # the branch runs channels_last: oneDNN's depthwise-conv weight gradients are 5-20x faster so on CPU
+        cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+        x_in = cl(x)
         if fb is not None:
-            fb = self.fb_align(fb.to(x.dtype))
+            fb = self.fb_align(cl(fb.to(x.dtype)))
             if fb.shape[-2:] != x.shape[-2:]:
                 fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
-            x_in = self.fusion(torch.cat([fb, x], 1))  # Eq. 6: FB(Concat(Feedback_i, F_i^T))
+            x_in = self.fusion(torch.cat([fb, x_in], 1))  # Eq. 6: FB(Concat(Feedback_i, F_i^T))
         return x + self.beta * self.prompt(x_in)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -21,7 +21,7 @@ import eval as evaluate_script
 import models
 import train
 from baselines import FBT, HCD
-from fofa import FOFA, RAA
+from fofa import AFP, FOFA, RAA
 from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
 torch.set_num_threads(2)
@@ -131,6 +131,32 @@ def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
         for afp in d.afp.values():
             afp.beta.fill_(0.1)
         assert not torch.allclose(feats[-1], d.teacher(x, prompts)[1][-1])  # (timm's Mixer head starts at zero)
+
+
+@pytest.mark.parametrize('in_shape,out_shape,nhwc', [((16, 8, 8), (32, 4, 4), False), ((8, 6, 6), (8, 6, 6), True)])
+def test_afp_channels_last_branch_matches_the_contiguous_maths(in_shape, out_shape, nhwc):
+    # AFP runs its branch channels_last (speed); the same layers on contiguous maps give the same values and gradients
+    torch.manual_seed(0)
+    afp = AFP(in_shape, out_shape)
+    afp.feedback = torch.randn(3, *out_shape)
+    with torch.no_grad():
+        afp.beta.fill_(0.7)
+    x = torch.randn(3, *in_shape[1:], in_shape[0]).permute(0, 3, 1, 2) if nhwc else torch.randn(3, *in_shape)
+    x.requires_grad_(True)
+    w = torch.randn(3, *in_shape)
+
+    def reference():
+        fb = F.interpolate(afp.fb_align(afp.feedback), size=in_shape[1:], mode='nearest')
+        xc = x.contiguous()
+        return xc + afp.beta * afp.prompt(afp.fusion(torch.cat([fb, xc], 1)))
+
+    results = []
+    for f in (afp, lambda _: reference()):
+        out = f(x)
+        results.append([out, *torch.autograd.grad((out * w).sum(), [x, *afp.parameters()])])
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
@@ -356,10 +382,11 @@ def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
                        '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0 for r in rows.values())
-    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['fofa']['flops']
-    assert rows['ce']['extra_params'] == rows['kd']['extra_params'] == 0 < rows['fbt']['extra_params']
-    assert 'FOFA floor' in capsys.readouterr().out
+    assert list(rows) == ['ce', 'kd', 'floor', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0
+                                                                        for r in rows.values())
+    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['floor']['flops'] < rows['fofa']['flops']
+    assert rows['ce']['extra'] == rows['kd']['extra'] == rows['floor']['extra'] == 0 < rows['fbt']['extra']
+    assert 'FOFA / floor' in capsys.readouterr().out
 
 
 def test_conv_backward_flops_count_groups():
