@@ -536,6 +536,7 @@ def user_error_cases(tmp_path):
         (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
         (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
         (ok + ['--method', 'magic'], 'unknown --method'),
+        (ok + ['--opt', 'adamx2'], 'unknown --opt'),
         (ok + ['--no-such-flag'], 'unrecognized arguments'),
         # 1. input size against the models: probed before anything is written, naming the model and its size
         (ok + ['--img-size', '30'], 'does not fit the teacher convnext_mini'),

@@ -150,6 +150,8 @@ def check_args(args):
         raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
     if args.method != 'ce' and not args.teacher:
         raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train without one).')
+    if args.opt and args.opt.lower().removeprefix('lookahead_') not in timm.optim.list_optimizers():
+        raise SystemExit(f"unknown --opt '{args.opt}': use a timm optimizer name (sgd, adamw, lamb...).")
     args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
     if min(args.dkd[2], args.dist[2]) <= 0:
