@@ -88,14 +88,17 @@ def summarize(root):
     runs = load_runs(root)
     for pair, configs in sorted(runs.items()):
         final = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
-        teacher = next(r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values())
+        teacher = next((r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values()
+                        if r[-1]['teacher_top1']), None)
+        tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None}  # best: over epochs all tested
+                                    for seeds in configs.values() for r in seeds.values()))
         print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher or 0:.2f}\n\n| config | seeds | final top-1 | '
               'best top-1 | final - kd (paired) | final - raa (paired) | prompted teacher top-1 |\n|---|---|---|---|---|---|---|')
         for c, seeds in configs.items():
             paired = lambda ref: ms([final[c][s] - final[ref][s] for s in seeds if s in final.get(ref, {})])
             prompted = [r[-1]['prompted_teacher_top1'] for r in seeds.values() if r[-1].get('prompted_teacher_top1')]
             print(f'| {c} | {len(seeds)} | {ms(list(final[c].values()))} | '
-                  f'{ms([max(max(e["top1"], e["top1_ema"] or 0) for e in r) for r in seeds.values()])} | '
+                  f'{ms([max(max(e["top1"], e["top1_ema"] or 0) for e in r if e["epoch"] in tested) for r in seeds.values()])} | '
                   f'{paired("kd")} | {paired("raa")} | {ms(prompted)} |')
     return runs
 
@@ -118,9 +121,10 @@ def curves(root, png, w=520, h=360, pad=40):
             draw.text((x0 - 25, to_xy(1, acc)[1] - 5), str(acc), fill='gray')
         draw.text((x0 + w - 2 * pad - 30, h - pad + 5), f'{epochs} ep', fill='gray')
         for j, (c, seeds) in enumerate(configs.items()):
-            n = min(len(r) for r in seeds.values())
-            mean = [statistics.mean(r[e]['top1'] for r in seeds.values()) for e in range(n)]
-            draw.line([to_xy(e + 1, a) for e, a in enumerate(mean)], fill=PALETTE[j % len(PALETTE)], width=2)
+            n = min(len(r) for r in seeds.values())  # tested epochs only (--eval-every)
+            mean = [(e + 1, statistics.mean(r[e]['top1'] for r in seeds.values())) for e in range(n)
+                    if all(r[e]['top1'] is not None for r in seeds.values())]
+            draw.line([to_xy(e, a) for e, a in mean], fill=PALETTE[j % len(PALETTE)], width=2)
             draw.text((x0 + 8 + 95 * (j % 4), h - pad - 15 - 12 * (j // 4)), c, fill=PALETTE[j % len(PALETTE)])
     img.save(png)
     print(f'{png}: curves of {sum(len(c) for c in runs.values())} configs in {len(runs)} pairs')

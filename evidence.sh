@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 export OUT=${OUT:-runs/evidence}
 SEEDS=${SEEDS:-0 1 2 3 4}
 JOBS=${JOBS:-2}
-export COMMON="--dataset digits --batch-size 16 --dim 128 --log-every 100000 --workers 0"
+export COMMON="--dataset digits --batch-size 16 --dim 128 --log-every 100000 --workers 0 --eval-every 5"
 # teacher, student, the students' train fraction, student epochs, configs beyond the main ones (the hypotheses)
 # (the regime pilot, README Evidence: at 25% a ViT student reaches its teacher alone; at 5% it is still learning after
 # 150 epochs; a ResNet student at 2% has converged by 200 epochs)

@@ -63,7 +63,7 @@ METHODS = {
     'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
 }
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-RESUMABLE = {'epochs', 'workers', 'log_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
+RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
              'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other flag may
 
 
@@ -138,6 +138,7 @@ def parser():
     a('--teacher-epochs', type=COUNT, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
     a('--log-every', type=COUNT, default=50, help='steps between progress lines')
+    a('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last); the others log top1 null')
     return p
 
 
@@ -366,8 +367,8 @@ def save_epoch(args, rec, model, opt, sched, ema, best):
     with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(rec) + '\n')
     epoch, top1, ema_top1 = rec['epoch'], rec['top1'], rec['top1_ema']
-    use_ema = ema is not None and ema_top1 > top1
-    if max(top1, ema_top1 or -1) > best['top1']:
+    use_ema = ema is not None and top1 is not None and ema_top1 > top1
+    if top1 is not None and max(top1, ema_top1 or -1) > best['top1']:
         best = {'top1': max(top1, ema_top1 or -1), 'epoch': epoch, 'which': 'ema' if use_ema else 'raw'}
         save({'student': (ema.module if use_ema else model.student).net.state_dict(), 'which': best['which'],
               'epoch': epoch, 'args': vars(args)}, os.path.join(args.out, 'best.pt'))
@@ -444,9 +445,12 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                           f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
                           f'{hms(left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps))}', flush=True)
         train_time = time.time() - t0
-        top1, top5 = evaluate(student, val_loader, device, ctx)
-        ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
-        extra = {f'{k}_top1': evaluate(f, val_loader, device, ctx)[0] for k, f in model.eval().extra_evals().items()}
+        top1 = top5 = ema_top1 = None
+        extra = {}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            top1, top5 = evaluate(student, val_loader, device, ctx)
+            ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
+            extra = {f'{k}_top1': evaluate(f, val_loader, device, ctx)[0] for k, f in model.eval().extra_evals().items()}
         if master:
             skipped = int(skipped.item())
             rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
