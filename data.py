@@ -37,18 +37,11 @@ auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_O
 def num_classes(dataset, data_dir=None):
     if dataset != 'imagenet':
         return NUM_CLASSES[dataset]
-    train = _need_imagefolder(os.path.join(_need_dir(dataset, data_dir), 'train'))
-    return sum(e.is_dir() for e in os.scandir(train))
+    return sum(e.is_dir() for e in os.scandir(_imagefolder(data_dir, 'train')))
 
 
-def _need_dir(dataset, data_dir):
-    if not data_dir:
-        raise SystemExit(f"{dataset} needs --data-dir pointing at the dataset root.")
-    return data_dir
-
-
-def _need_imagefolder(path):
-    if not os.path.isdir(path):
+def _imagefolder(data_dir, split):
+    if not os.path.isdir(path := os.path.join(data_dir or '', split)):
         raise SystemExit(f"ImageNet folder {path} not found: --data-dir must contain "
                          "train/<class>/*.JPEG and val/<class>/*.JPEG.")
     return path
@@ -71,7 +64,7 @@ def _transform(dataset, img_size, recipe, train):
 
 def _image_datasets(dataset, data_dir, img_size, recipe):
     tf_train, tf_val = (_transform(dataset, img_size, recipe, t) for t in (True, False))
-    data_dir = _need_dir(dataset, data_dir)
+    data_dir = data_dir or '.'
     if dataset == 'cifar100':
         try:  # download=True only fetches when the files are missing or corrupt
             return [torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
@@ -79,8 +72,8 @@ def _image_datasets(dataset, data_dir, img_size, recipe):
         except (OSError, RuntimeError) as e:
             raise SystemExit(f"CIFAR-100 not found in {os.path.join(data_dir, 'cifar-100-python')} and "
                              f"download failed ({e}): download and extract cifar-100-python.tar.gz "
-                             f"from https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir}.")
-    paths = [_need_imagefolder(os.path.join(data_dir, split)) for split in ('train', 'val')]
+                             f"from https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir} (--data-dir).")
+    paths = [_imagefolder(data_dir, split) for split in ('train', 'val')]
     train, val = (torchvision.datasets.ImageFolder(p, tf) for p, tf in zip(paths, (tf_train, tf_val)))
     if train.classes != val.classes:
         raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
@@ -127,8 +120,6 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to each batch."""
     if dataset not in DATASETS:
         raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
-    if recipe not in ('cnn', 'vit'):
-        raise SystemExit(f"Unknown recipe {recipe!r}: choose 'cnn' or 'vit'.")
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
     generator = torch.Generator().manual_seed(seed)  # worker base seeds; reseeded each epoch by set_epoch

@@ -353,9 +353,13 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     assert img.shape == (512, 512, 3) and (img[127, :] == 255).all() and (img[:, 383] == 255).all()
     assert img[:127, :127].std() > 0  # not a blank picture
     # a second run reuses the cached teacher: no teacher training this time
-    train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '1', '--method', 'kd',
-                       '--out', str(tmp_path / 'kd'), '--teacher-dir', teachers])
+    # (and --eval-every: the untested epoch logs top1 null; the last epoch is always tested and saved as the best)
+    train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '2', '--method', 'kd',
+                       '--out', str(tmp_path / 'kd'), '--teacher-dir', teachers, '--eval-every', '5'])
     assert 'training convnext_mini' not in capsys.readouterr().out
+    logs = [json.loads(line) for line in open(tmp_path / 'kd' / 'log.jsonl')]
+    assert logs[0]['top1'] is None and logs[1]['top1'] is not None and 'kd' in logs[0]
+    assert torch.load(tmp_path / 'kd' / 'best.pt', weights_only=True)['epoch'] == 2
 
 
 @pytest.mark.parametrize('method', train.METHODS)
@@ -399,14 +403,15 @@ def test_conv_backward_flops_count_groups():
 
 
 def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
-    curves = {'kd': [(60.0, 80.0), (62.0, 84.0)], 'fofa': [(70.0, 82.0), (75.0, 86.0)]}  # top-1 at epochs 1-2
+    # top-1 at epochs 1-3; epoch 1 is tested in one run only (--eval-every), so no best is taken from it
+    curves = {'kd': [(None, 60.0, 80.0), (99.0, 62.0, 84.0)], 'fofa': [(None, 70.0, 82.0), (None, 75.0, 86.0)]}
     for config, seeds in curves.items():
         for seed, accs in enumerate(seeds):
             d = tmp_path / 'cnn-vit' / config / f'seed{seed}'
             d.mkdir(parents=True)
-            (d / 'log.jsonl').write_text(''.join(json.dumps({'top1': a, 'top1_ema': None, 'teacher_top1': 95.0,
-                                                             'prompted_teacher_top1': 90.0 + seed}) + '\n'
-                                                 for a in accs))
+            (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e + 1, 'top1': a, 'top1_ema': None,
+                                                             'teacher_top1': 95.0, 'prompted_teacher_top1': 90.0 + seed})
+                                                 + '\n' for e, a in enumerate(accs)))
     evaluate_script.main(['--summarize', str(tmp_path)])
     out = capsys.readouterr().out
     assert 'cnn -> vit, teacher top-1 95.00' in out

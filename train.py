@@ -63,8 +63,8 @@ METHODS = {
     'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
 }
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out', 'data_dir',
-             'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other flag may
+RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out',
+             'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other
 
 
 class Parser(argparse.ArgumentParser):
@@ -383,10 +383,9 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
     recipe, (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
     start, best = start_run(args, model, opt, sched, ema, ddp_rank, device)
     student, teacher, steps, fused = model.student, model.teacher, len(train_loader), opt.defaults.get('fused', False)
-    if args.compile:  # student and teacher separately; the distillers' own modules stay eager
-        student.compile()
-        if teacher is not None:
-            teacher.compile()
+    for net in (student, teacher) if args.compile else ():  # separately; the distillers' own modules stay eager
+        if net is not None:
+            net.compile()
     # only the trainable module is in DDP (the teacher is not a submodule); feedback buffers stay per rank
     net = DDP(model, device_ids=[torch.device(device)] if device != 'cpu' else None,
               broadcast_buffers=False) if world > 1 else model
@@ -477,12 +476,10 @@ def teacher_checkpoint(args, ddp_rank, world, device):
     key = f"{args.teacher}_{args.dataset}_{args.img_size}px_{nc}cls{frac}{'_pre' if args.pretrained else ''}"
     path = os.path.join(args.teacher_dir, key + '.pt')
     if not os.path.isfile(path):
-        targs = get_args(['--student', args.teacher, '--method', 'ce', '--dataset', args.dataset, '--data-dir',
-                          args.data_dir, '--img-size', str(args.img_size), '--out', os.path.join(args.teacher_dir, key),
-                          '--epochs', str(args.teacher_epochs or args.epochs), '--batch-size', str(args.batch_size),
-                          '--seed', str(args.seed), '--workers', str(args.workers), '--train-fraction',
-                          str(args.train_fraction), '--overwrite', '--log-every', str(args.log_every)]
-                         + ['--pretrained'] * args.pretrained + ['--amp'] * bool(args.amp))
+        targs = get_args(['--student', args.teacher, '--method', 'ce', '--overwrite'])  # the recipe's other flags
+        vars(targs).update({k: getattr(args, k) for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp',
+                            'workers', 'train_fraction', 'log_every', 'eval_every', 'pretrained')},
+                           out=os.path.join(args.teacher_dir, key), epochs=args.teacher_epochs or args.epochs)
         check_args(targs)
         targs.recipe = family_recipe(args.teacher, args.img_size)
         if ddp_rank == 0:
