@@ -651,6 +651,16 @@ def test_resume_may_change_epochs_workers_and_log_every_and_takes_unset_flags_fr
     assert e.value.code == 0 and 'usage' in capsys.readouterr().out
 
 
+def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
+    args = TINY + ['--teacher', 'convnext_mini', '--student', 'resnet_mini', '--method', 'kd', '--teacher-ckpt',
+                   random_teacher(tmp_path / 't.pt'), '--epochs', '2', '--eval-every', '9']
+    train.main(args + ['--out', str(tmp_path / 'fresh')])
+    train.main(args[:-3] + ['1', '--eval-every', '9', '--out', str(tmp_path / 'extended')])  # 1 epoch, then 2
+    train.main(args + ['--out', str(tmp_path / 'extended'), '--resume'])
+    lrs = [[json.loads(line)['lr'] for line in open(tmp_path / d / 'log.jsonl')] for d in ('fresh', 'extended')]
+    assert lrs[1][1] == lrs[0][1] != lrs[1][0]  # epoch 2 on the 2-epoch cosine, not the 1-epoch run's end
+
+
 def test_user_error_exits_nonzero_without_traceback(tmp_path):
     pair = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--out', str(tmp_path / 'run')]
     cmds = [['train.py', *pair, '--nq', '63'],  # argparse's type path

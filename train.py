@@ -340,7 +340,7 @@ def setup(args, ddp_rank, world, device):
     return recipe, loaders, model, opt, sched, ModelEmaV3(model.student, decay=args.ema) if args.ema else None
 
 
-def start_run(args, model, opt, sched, ema, ddp_rank, device):
+def start_run(args, model, opt, ema, ddp_rank, device):
     """--resume: all from last.pt; else --out loses an old run's files (no inherited log). Returns (epoch, best)."""
     if not args.resume:
         if ddp_rank == 0:
@@ -356,13 +356,12 @@ def start_run(args, model, opt, sched, ema, ddp_rank, device):
         ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
     model.load_state_dict(ck['model'], strict=not ddp_rank)
     opt.load_state_dict(ck['optimizer'])
-    sched.load_state_dict(ck['scheduler'])
     if ema:
         ema.load_state_dict(ck['ema'])
     return ck['epoch'], ck['best']
 
 
-def save_epoch(args, rec, model, opt, sched, ema, best):
+def save_epoch(args, rec, model, opt, ema, best):
     """rec to log.jsonl, the best student so far (raw or EMA) to best.pt, everything to last.pt. Returns the best."""
     with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(rec) + '\n')
@@ -373,15 +372,15 @@ def save_epoch(args, rec, model, opt, sched, ema, best):
         save({'student': (ema.module if use_ema else model.student).net.state_dict(), 'which': best['which'],
               'epoch': epoch, 'args': vars(args)}, os.path.join(args.out, 'best.pt'))
     save({'student': model.student.net.state_dict(), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
-          'scheduler': sched.state_dict(), 'ema': ema.state_dict() if ema else None, 'epoch': epoch,
-          'best': best, 'top1': top1, 'args': vars(args)}, os.path.join(args.out, 'last.pt'))
+          'ema': ema.state_dict() if ema else None, 'epoch': epoch, 'best': best, 'top1': top1, 'args': vars(args)},
+         os.path.join(args.out, 'last.pt'))
     return best
 
 
 def train(args, ddp_rank=0, world=1, device='cpu'):
     master = ddp_rank == 0
     recipe, (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
-    start, best = start_run(args, model, opt, sched, ema, ddp_rank, device)
+    start, best = start_run(args, model, opt, ema, ddp_rank, device)
     student, teacher, steps, fused = model.student, model.teacher, len(train_loader), opt.defaults.get('fused', False)
     for net in (student, teacher) if args.compile else ():  # separately; the distillers' own modules stay eager
         if net is not None:
@@ -410,7 +409,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                 x, y = mixup(x, y)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            sched.step_update(epoch * steps + i)
+            sched.step_update(epoch * steps + i)  # a function of the step: --resume --epochs N stretches it
             with ctx:
                 _, terms = net(x, y)
             bad = (~torch.isfinite(terms['total'])).float()
@@ -458,7 +457,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                    'img_per_s': round(steps * args.batch_size * world / train_time, 1),
                    'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
                                          __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
-            best = save_epoch(args, rec, model, opt, sched, ema, best)
+            best = save_epoch(args, rec, model, opt, ema, best)
             epoch_s = time.time() - t0  # training, tests and saving
             print(json.dumps(rec), f'| run time left {hms(epoch_s * (args.epochs - epoch - 1))}', flush=True)
     if master:
