@@ -71,21 +71,27 @@ def draw_attention(args):
 
 
 def load_runs(root):
-    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl, configs in run order."""
-    runs = defaultdict(dict)
+    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl, configs in run order,
+    finished runs only (all their --epochs), and {(pair, config): 'n diverged, m unfinished'} for the others."""
+    runs, left = defaultdict(dict), defaultdict(lambda: [0, 0])
     for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
         pair, config, seed = log.split(os.sep)[-4:-1]
-        runs[pair].setdefault(config, {})[seed] = [json.loads(line) for line in open(log)]
+        records, seeds = [json.loads(line) for line in open(log)], runs[pair].setdefault(config, {})
+        if len(records) >= json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']:
+            seeds[seed] = records
+        else:  # stopped by non-finite losses (train.MAX_NONFINITE), or still running
+            left[pair, config][records[-1]['skipped_steps'] == 0] += 1
+    runs = {pair: configs for pair, configs in runs.items() if any(configs.values())}  # pairs with a finished run
     if not runs:
-        raise SystemExit(f'--summarize {root} holds no runs: expected {root}/<pair>/<config>/<seed>/log.jsonl files.')
-    return runs
+        raise SystemExit(f'--summarize {root} holds no finished runs: expected <pair>/<config>/<seed>/log.jsonl files.')
+    return runs, {k: f'{d} diverged, {u} unfinished' for k, (d, u) in left.items()}
 
 
 def summarize(root):
     """One markdown table per pair: final and best top-1 (mean +- std over seeds), the paired per-seed difference of
     the final top-1 to kd and to raa (same seed, same data order), and the prompted teacher's top-1 at the end."""
     ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
-    runs = load_runs(root)
+    runs, left = load_runs(root)
     for pair, configs in sorted(runs.items()):
         final = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
         teacher = next((r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values()
@@ -95,9 +101,10 @@ def summarize(root):
         print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher or 0:.2f}\n\n| config | seeds | final top-1 | '
               'best top-1 | final - kd (paired) | final - raa (paired) | prompted teacher top-1 |\n|---|---|---|---|---|---|---|')
         for c, seeds in configs.items():
+            seeds_note = f'{len(seeds)} ({left[pair, c]})' if (pair, c) in left else len(seeds)
             paired = lambda ref: ms([final[c][s] - final[ref][s] for s in seeds if s in final.get(ref, {})])
             prompted = [r[-1]['prompted_teacher_top1'] for r in seeds.values() if r[-1].get('prompted_teacher_top1')]
-            print(f'| {c} | {len(seeds)} | {ms(list(final[c].values()))} | '
+            print(f'| {c} | {seeds_note} | {ms(list(final[c].values()))} | '
                   f'{ms([max(max(e["top1"], e["top1_ema"] or 0) for e in r if e["epoch"] in tested) for r in seeds.values()])} | '
                   f'{paired("kd")} | {paired("raa")} | {ms(prompted)} |')
     return runs
@@ -109,7 +116,7 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 def curves(root, png, w=520, h=360, pad=40):
     """Test top-1 per epoch, mean over seeds, one line per config and one panel per pair, into a PNG (Pillow)."""
-    runs = load_runs(root)
+    runs = load_runs(root)[0]
     img = Image.new('RGB', (w * len(runs), h), 'white')
     draw = ImageDraw.Draw(img)
     for k, (pair, configs) in enumerate(sorted(runs.items())):
@@ -120,7 +127,7 @@ def curves(root, png, w=520, h=360, pad=40):
         for acc in range(0, 101, 20):
             draw.text((x0 - 25, to_xy(1, acc)[1] - 5), str(acc), fill='gray')
         draw.text((x0 + w - 2 * pad - 30, h - pad + 5), f'{epochs} ep', fill='gray')
-        for j, (c, seeds) in enumerate(configs.items()):
+        for j, (c, seeds) in enumerate((c, seeds) for c, seeds in configs.items() if seeds):
             n = min(len(r) for r in seeds.values())  # tested epochs only (--eval-every)
             mean = [(e + 1, statistics.mean(r[e]['top1'] for r in seeds.values())) for e in range(n)
                     if all(r[e]['top1'] is not None for r in seeds.values())]

@@ -412,13 +412,22 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
             d = tmp_path / 'cnn-vit' / config / f'seed{seed}'
             d.mkdir(parents=True)
             (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e + 1, 'top1': a, 'top1_ema': None,
-                                                             'teacher_top1': 95.0, 'prompted_teacher_top1': 90.0 + seed})
+                                                             'teacher_top1': 95.0, 'prompted_teacher_top1': 90.0 + seed,
+                                                             'skipped_steps': int(a == 0)})
                                                  + '\n' for e, a in enumerate(accs)))
+            (d / 'args.json').write_text(json.dumps({'epochs': 3}))
+    for seed, accs in ((2, [50.0, 0.0]), (3, [40.0])):  # a run stopped by non-finite losses, and one still running
+        d = tmp_path / 'cnn-vit' / 'fofa' / f'seed{seed}'
+        d.mkdir(parents=True)
+        (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e + 1, 'top1': a, 'skipped_steps': int(a == 0)})
+                                             + '\n' for e, a in enumerate(accs)))
+        (d / 'args.json').write_text(json.dumps({'epochs': 3}))
     evaluate_script.main(['--summarize', str(tmp_path)])
     out = capsys.readouterr().out
     assert 'cnn -> vit, teacher top-1 95.00' in out
     assert '| kd | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | 0.00 ± 0.00 | - | 90.50 ± 0.71 |' in out
-    assert '| fofa | 2 | 84.00 ± 2.83 | 84.00 ± 2.83 | 2.00 ± 0.00 | - | 90.50 ± 0.71 |' in out  # paired: 2, 2
+    assert ('| fofa | 2 (1 diverged, 1 unfinished) | 84.00 ± 2.83 | 84.00 ± 2.83 | 2.00 ± 0.00 | - | 90.50 ± 0.71 |'
+            in out)  # paired: 2, 2
     png = tmp_path / 'curves.png'
     evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
     img = np.asarray(Image.open(png).convert('RGB')).astype(int)
