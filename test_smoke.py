@@ -610,7 +610,7 @@ def user_error_cases(tmp_path):
         (['eval.py', '--ckpt', str(truncated), '--attn', str(tmp_path / 'a.png')], 'not a readable'),
         (['eval.py', '--ckpt', t, '--attn', str(empty)], 'is a directory, not a PNG file'),
         (['eval.py', '--summarize', str(tmp_path / 'nowhere')], 'does not exist'),
-        (['eval.py', '--summarize', str(empty)], 'holds no runs'),
+        (['eval.py', '--summarize', str(empty)], 'holds no finished runs'),
         (['bench.py'] + ok + ['--methods', 'ce,magic'], '--methods'),
         (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),

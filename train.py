@@ -195,10 +195,18 @@ def same_run(args, last):
 
 
 def read_checkpoint(path, flag):
-    try:  # weights only, memory-mapped: cheap even for a large last.pt
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError) as e:
-        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): save it again.')
+    """Tensors and plain containers only (weights_only; a timm CheckpointSaver's argparse.Namespace too), or .safetensors."""
+    try:
+        if path.endswith('.safetensors'):
+            return safetensors.torch.load_file(path)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
+        if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # a class or function: code, not weights
+            raise SystemExit(f'{flag} {path} was refused: it holds pickled code, not only tensors (loaded with '
+                             'weights_only=True); save its state_dict alone and use that.')
+        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated '
+                         'or another kind of file, so download or save it again.')
 
 
 def stage_list(text, flag, allow_none=False):
@@ -230,16 +238,7 @@ def family_recipe(name, img_size, role='student'):
 def load_weights(path, net, what):
     """A timm or official state_dict, a CheckpointSaver file (PATH:ema: its EMA) or our best.pt, renamed by timm."""
     ema, path = path.endswith(':ema'), path.removesuffix(':ema')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # CheckpointSaver's args; nothing else
-            ck = safetensors.torch.load_file(path) if path.endswith('.safetensors') else torch.load(
-                path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # a class or function: code, not weights
-            raise SystemExit(f'{path} was refused: it holds pickled code, not only tensors (loaded with '
-                             'weights_only=True); save its state_dict alone and use that.')
-        raise SystemExit(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated or '
-                         'another kind of file, so download or save it again.')
+    ck = read_checkpoint(path, 'the checkpoint')
     keys = ('state_dict_ema', 'model_ema') if ema else ('student', 'state_dict', 'model', 'model_ema')
     ck = next((ck[k] for k in keys if isinstance(ck, dict) and isinstance(ck.get(k), dict)), None if ema else ck)
     if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):
