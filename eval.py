@@ -95,7 +95,7 @@ def drift(r, tested):
 
 def summarize(root):
     """One markdown table per pair: final and best top-1 (mean +- std over seeds), the drift, the paired per-seed
-    difference of the final top-1 to kd and to raa (same seed, same data order), the prompted teacher's final top-1."""
+    difference of the final top-1 to kd, raa and fofa (same seed and data order), the prompted teacher's final top-1."""
     ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
     runs, left = load_runs(root)
     for pair, configs in sorted(runs.items()):
@@ -105,8 +105,8 @@ def summarize(root):
         tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None}  # best: over epochs all tested
                                     for seeds in configs.values() for r in seeds.values()))
         print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher or 0:.2f}\n\n| config | seeds | final top-1 | '
-              'best top-1 | last 20% - previous 20% | final - kd (paired) | final - raa (paired) | prompted teacher '
-              'top-1 |\n|---|---|---|---|---|---|---|---|')
+              'best top-1 | last 20% - previous 20% | final - kd (paired) | final - raa (paired) | final - fofa (paired) '
+              '| prompted teacher top-1 |\n|---|---|---|---|---|---|---|---|---|')
         for c, seeds in configs.items():
             seeds_note = f'{len(seeds)} ({left[pair, c]})' if (pair, c) in left else len(seeds)
             paired = lambda ref: ms([final[c][s] - final[ref][s] for s in seeds if s in final.get(ref, {})])
@@ -114,7 +114,7 @@ def summarize(root):
             best = [max(max(e['top1'], e['top1_ema'] or 0) for e in r if e['epoch'] in tested) for r in seeds.values()]
             drifts = [d for r in seeds.values() if (d := drift(r, tested)) is not None]
             print(f'| {c} | {seeds_note} | {ms(list(final[c].values()))} | {ms(best)} | {ms(drifts)} | '
-                  f'{paired("kd")} | {paired("raa")} | {ms(prompted)} |')
+                  f'{paired("kd")} | {paired("raa")} | {paired("fofa")} | {ms(prompted)} |')
     return runs
 
 

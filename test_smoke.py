@@ -426,9 +426,9 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
     out = capsys.readouterr().out
     assert 'cnn -> vit, teacher top-1 95.00' in out
     # drift: epoch 3 (the last 20%) minus epoch 2 (the 20% before); paired to kd: 2 and 2
-    assert '| kd | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | 21.00 ± 1.41 | 0.00 ± 0.00 | - | 90.50 ± 0.71 |' in out
+    assert '| kd | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | 21.00 ± 1.41 | 0.00 ± 0.00 | - | -2.00 ± 0.00 | 90.50 ± 0.71 |' in out
     assert ('| fofa | 2 (1 diverged, 1 unfinished) | 84.00 ± 2.83 | 84.00 ± 2.83 | 11.50 ± 0.71 | 2.00 ± 0.00 | - | '
-            '90.50 ± 0.71 |' in out)
+            '0.00 ± 0.00 | 90.50 ± 0.71 |' in out)
     png = tmp_path / 'curves.png'
     evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
     img = np.asarray(Image.open(png).convert('RGB')).astype(int)
