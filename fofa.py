@@ -66,24 +66,15 @@ class Patchify(nn.Module):
 
 
 class Aligner(nn.Module):
-    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W), with a channel and a learned spatial projection.
-    official=True is the official code's: BatchNorm, and for map teachers a nearest upsampling of the k x k grid."""
+    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W): LayerNorm, a channel and a learned spatial map."""
 
-    def __init__(self, dim, tokens, shape, official=None):
+    def __init__(self, dim, tokens, shape):
         super().__init__()
-        self.shape, self.official = shape, official
-        if official == 'map':  # (B, d, k, k) -> nearest to (H, W) -> BN -> 1x1 conv
-            self.norm, self.channels = nn.BatchNorm2d(dim), nn.Conv2d(dim, shape[0], 1, bias=False)
-            return
-        self.norm = nn.BatchNorm1d(tokens) if official else nn.LayerNorm(dim)  # BN over the token axis
+        self.shape, self.norm = shape, nn.LayerNorm(dim)
         self.channels, self.spatial = nn.Linear(dim, shape[0]), nn.Linear(tokens, shape[1] * shape[2])
-        self.norm2 = nn.BatchNorm1d(shape[0]) if official else nn.Identity()
 
     def forward(self, t):
-        if self.official == 'map':
-            grid = t.transpose(1, 2).unflatten(2, (math.isqrt(t.shape[1]),) * 2)
-            return self.channels(self.norm(F.interpolate(grid, size=self.shape[1:], mode='nearest')))
-        x = self.norm2(self.channels(self.norm(t)).transpose(1, 2))  # (B, C_t, grid^2)
+        x = self.channels(self.norm(t)).transpose(1, 2)  # (B, C_t, grid^2)
         return self.spatial(x).unflatten(2, self.shape[1:])
 
 
@@ -91,7 +82,7 @@ class RAA(nn.Module):
     """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then per-stage aligners.
     attention=False leaves only patchify + aligners: the FitNet baseline of Table 4."""
 
-    def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True, official=None):
+    def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True):
         super().__init__()
         grid = math.isqrt(nq // 4)
         if nq < 4 or 4 * grid * grid != nq:
@@ -101,7 +92,7 @@ class RAA(nn.Module):
             raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
         self.heads, self.attention, self.keep_attn, self.attn = heads, attention, False, None
         self.patchify = nn.ModuleList(Patchify(s, grid, dim) for s in student_shapes)
-        self.align = nn.ModuleList(Aligner(dim, grid * grid, t, official) for t in teacher_shapes)
+        self.align = nn.ModuleList(Aligner(dim, grid * grid, t) for t in teacher_shapes)
         if attention:
             self.pos = nn.Parameter(torch.zeros(1, nq, dim))  # one embedding per (stage, patch) slot
             nn.init.trunc_normal_(self.pos, std=0.02)
@@ -192,19 +183,18 @@ class AFP(nn.Module):
 class FOFA(Distiller):
     """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i)
     (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4
-    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='channel', aligner='official':
-    the official blocks (README). Under DDP use broadcast_buffers=False: feedback buffers hold each rank's batch."""
+    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='channel': the official
+    squeeze-excitation (README). Under DDP use broadcast_buffers=False: feedback buffers hold each rank's batch."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
-                 raa=True, fusion='dw', prompt='spatial', aligner='ours', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
+                 raa=True, fusion='dw', prompt='spatial', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
                  label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
             raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
         _, s_out = student.shapes(img_size)
         t_in, t_out = teacher.shapes(img_size)
-        official = (teacher.layout == 'nchw' and 'map' or 'tokens') if aligner == 'official' else None
-        self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa, official=official)
+        self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa)
         self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion, prompt)
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)

@@ -46,7 +46,7 @@ common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)
 pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
 fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
     nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
-    prompt=a.afp_prompt, aligner=a.aligner, beta=a.beta, gamma=a.gamma), **kw})  # kw: overrides (FitNet)
+    prompt=a.afp_prompt, beta=a.beta, gamma=a.gamma), **kw})  # kw: overrides (FitNet)
 # --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
 # its class (baselines.py) or loss (losses.py), and its tests.
 METHODS = {
@@ -104,7 +104,6 @@ def parser():
     a('--afp-fusion', default='dw', choices=('dw', 'full'), help='FOFA: 5x5 fusion conv: depthwise or official')
     a('--afp-prompt', default='spatial', choices=('spatial', 'channel'), help="FOFA: the SE gates a spatial prompt, "
       "or replaces it as in the official code (a per-channel bias)")
-    a('--aligner', default='ours', choices=('ours', 'official'), help='FOFA: LayerNorm + spatial map, or official BN')
     a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
     a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
