@@ -119,7 +119,8 @@ def summarize(root):
 
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 90, 200)]
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 90, 200), (255, 187, 120),
+           (152, 223, 138)]
 
 
 def curves(root, png, w=520, h=360, pad=40):
@@ -140,7 +141,7 @@ def curves(root, png, w=520, h=360, pad=40):
             mean = [(e + 1, statistics.mean(r[e]['top1'] for r in seeds.values())) for e in range(n)
                     if all(r[e]['top1'] is not None for r in seeds.values())]
             draw.line([to_xy(e, a) for e, a in mean], fill=PALETTE[j % len(PALETTE)], width=2)
-            draw.text((x0 + 8 + 95 * (j % 4), h - pad - 15 - 12 * (j // 4)), c, fill=PALETTE[j % len(PALETTE)])
+            draw.text((x0 + 8 + 140 * (j % 3), h - pad - 15 - 12 * (j // 3)), c, fill=PALETTE[j % len(PALETTE)])
     img.save(png)
     print(f'{png}: curves of {sum(len(c) for c in runs.values())} configs in {len(runs)} pairs')
 
