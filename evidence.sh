@@ -18,7 +18,7 @@ export COMMON="--dataset digits --batch-size 16 --dim 128 --log-every 100000 --w
 # two seeds, at 3.5% a 2-seed pilot put KD 3.5-6 points above CE: 5 seeds then gave +1.9 +- 2.9). H2 runs on both pairs
 # where the prompted teacher drifts (seed 0, 2%: Swin 98.7 -> 71.9; ConvNeXt 98.0 -> 93.7 for the ViT student).
 PAIRS=("convnext_mini vit_mini 0.1 300 fofa_channel fofa_gamma4 fofa_gamma16"
-       "swin_mini resnet_mini 0.035 200 fofa_channel fofa_gamma4 fofa_gamma16"
+       "swin_mini resnet_mini 0.035 200 fofa_channel fofa_gamma4 fofa_gamma16 fofa_clip5 fofa_channel_clip5"
        "convnext_mini resmlp_mini 0.1 300 fofa_channel")
 MAIN="ce kd raa fofa fitnet afp_nofeedback ofa dkd fbt hcd"
 TEACHER_EPOCHS=60
@@ -32,6 +32,8 @@ flags() {  # the train.py flags of one config
     fofa_channel) echo "$FOFA --afp-prompt channel" ;;      # H1: the official SE output replaces the feature
     fofa_gamma4) echo "$FOFA --gamma 4" ;;                   # H2: the regulariser weight (Eq. 8)
     fofa_gamma16) echo "$FOFA --gamma 16" ;;
+    fofa_clip5) echo "$FOFA --clip 5" ;;                     # H4: beta diverged under SGD without clipping (README)
+    fofa_channel_clip5) echo "$FOFA --afp-prompt channel --clip 5" ;;
     # H3, the official BatchNorm aligners (--aligner official), ran on the Swin -> ResNet pair at commit ce80e22:
     # 3.15 +- 0.66 points below fofa (paired, 4 seeds); the flag was removed (README, Evidence)
     *) echo "--method $1" ;;

@@ -37,7 +37,7 @@ import losses
 # the official configs (notes section 6): CNN students get SGD, ViT/MLP students AdamW with mixup and RandAugment
 # warm-up is given as a share of the run: 3 and 20 epochs of the official 300
 RECIPES = {
-    'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=None, smoothing=0.1),
+    'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=0.0, smoothing=0.1),
     'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5, clip=5.0, smoothing=0.1),
 }
 hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
@@ -120,6 +120,7 @@ def parser():
     a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
     a('--wd', type=NONNEG, help='weight decay (default: the recipe\'s)')
     a('--warmup-epochs', type=NONNEG, help='linear warm-up (default: the recipe\'s share of --epochs)')
+    a('--clip', type=NONNEG, help="gradient-norm clipping, 0: off (default: the recipe's: 5 for vit, off for cnn)")
     a('--recipe', choices=list(RECIPES), help="augmentation and optimizer preset (default: by the student's family)")
     a('--ema', type=DECAY, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
     a('--img-size', type=COUNT, help='input size (default: the student\'s, 224 or 32 for *_mini)')
@@ -316,7 +317,7 @@ def evaluate(net, loader, device, ctx):
 def setup(args, ddp_rank, world, device):
     """The recipe's defaults for unset flags; loaders, model, optimizer (fused: no host sync), schedule and EMA."""
     recipe = {**RECIPES[args.recipe], 'warmup_epochs': RECIPES[args.recipe]['warmup'] * args.epochs}
-    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd', 'warmup_epochs') if getattr(args, k) is None})
+    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip') if getattr(args, k) is None})
     args.smoothing = 0.0 if args.recipe == 'vit' else recipe['smoothing']  # vit: smoothing is folded into mixup
     torch.manual_seed(args.seed)
     loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
@@ -335,7 +336,7 @@ def setup(args, ddp_rank, world, device):
     steps = len(loaders[0])
     sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'], t_in_epochs=False,
                               warmup_t=int(args.warmup_epochs * steps), warmup_lr_init=recipe['warmup_lr'])
-    return recipe, loaders, model, opt, sched, ModelEmaV3(model.student, decay=args.ema) if args.ema else None
+    return loaders, model, opt, sched, ModelEmaV3(model.student, decay=args.ema) if args.ema else None
 
 
 def start_run(args, model, opt, ema, ddp_rank, device):
@@ -377,7 +378,7 @@ def save_epoch(args, rec, model, opt, ema, best):
 
 def train(args, ddp_rank=0, world=1, device='cpu'):
     master = ddp_rank == 0
-    recipe, (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
+    (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
     start, best = start_run(args, model, opt, ema, ddp_rank, device)
     student, teacher, steps, fused = model.student, model.teacher, len(train_loader), opt.defaults.get('fused', False)
     for net in (student, teacher) if args.compile else ():  # separately; the distillers' own modules stay eager
@@ -414,8 +415,8 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
             if world > 1:
                 dist.all_reduce(bad, dist.ReduceOp.MAX)  # every rank skips together
             terms['total'].backward()
-            if recipe['clip']:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe['clip'])
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             if fused:
                 opt.found_inf = bad  # the kernel skips the update when the loss was NaN/inf: no sync
                 opt.step()
