@@ -25,8 +25,7 @@ import train
 def accuracy(args):
     img_size = args.img_size or models.INPUT_SIZE.get(args.model, 224)
     train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
-    nc = data.num_classes(args.dataset, args.data_dir)
-    norm = data.NORM[args.dataset] or (None, None)
+    nc, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset] or (None, None)
     try:
         net = train.create(args.model, nc, norm, args.ckpt)  # a file, PATH:ema, or 'timm' (ImageNet weights)
     except ValueError as e:
@@ -72,12 +71,13 @@ def draw_attention(args):
 
 def load_runs(root):
     """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl, configs in run order,
-    finished runs only (all their --epochs), and {(pair, config): 'n diverged, m unfinished'} for the others."""
+    finished runs only (up to their --epochs; untested epochs may be left out of a log), and {(pair, config):
+    'n diverged, m unfinished'} for the others."""
     runs, left = defaultdict(dict), defaultdict(lambda: [0, 0])
     for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
         pair, config, seed = log.split(os.sep)[-4:-1]
         records, seeds = [json.loads(line) for line in open(log)], runs[pair].setdefault(config, {})
-        if len(records) >= json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']:
+        if records[-1]['epoch'] >= json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']:
             seeds[seed] = records
         else:  # stopped by non-finite losses (train.MAX_NONFINITE), or still running
             left[pair, config][records[-1]['skipped_steps'] == 0] += 1
@@ -89,7 +89,8 @@ def load_runs(root):
 
 def drift(r, tested):
     """Mean top-1 over the last 20% of the epochs minus over the 20% before: near 0 once a run has converged."""
-    w = [[e['top1'] for e in r if e['epoch'] in tested and lo < e['epoch'] / len(r) <= lo + 0.2] for lo in (0.6, 0.8)]
+    w = [[e['top1'] for e in r if e['epoch'] in tested and lo < e['epoch'] / r[-1]['epoch'] <= lo + 0.2]
+         for lo in (0.6, 0.8)]
     return statistics.mean(w[1]) - statistics.mean(w[0]) if all(w) else None
 
 
@@ -129,7 +130,7 @@ def curves(root, png, w=520, h=360, pad=40):
     img = Image.new('RGB', (w * len(runs), h), 'white')
     draw = ImageDraw.Draw(img)
     for k, (pair, configs) in enumerate(sorted(runs.items())):
-        x0, epochs = k * w + pad, max(len(r) for seeds in configs.values() for r in seeds.values())
+        x0, epochs = k * w + pad, max(r[-1]['epoch'] for seeds in configs.values() for r in seeds.values())
         to_xy = lambda e, acc: (x0 + (w - 2 * pad) * (e - 1) / max(epochs - 1, 1), h - pad - (h - 2 * pad) * acc / 100)
         draw.rectangle([x0, pad, x0 + w - 2 * pad, h - pad], outline='black')
         draw.text((x0, 8), f'{pair.replace("-", " -> ")}: test top-1 (%) per epoch, mean over seeds', fill='black')
@@ -137,9 +138,9 @@ def curves(root, png, w=520, h=360, pad=40):
             draw.text((x0 - 25, to_xy(1, acc)[1] - 5), str(acc), fill='gray')
         draw.text((x0 + w - 2 * pad - 30, h - pad + 5), f'{epochs} ep', fill='gray')
         for j, (c, seeds) in enumerate((c, seeds) for c, seeds in configs.items() if seeds):
-            n = min(len(r) for r in seeds.values())  # tested epochs only (--eval-every)
-            mean = [(e + 1, statistics.mean(r[e]['top1'] for r in seeds.values())) for e in range(n)
-                    if all(r[e]['top1'] is not None for r in seeds.values())]
+            top1 = [{e['epoch']: e['top1'] for e in r if e['top1'] is not None} for r in seeds.values()]
+            tested = sorted(set.intersection(*map(set, top1)))  # epochs tested in every seed (--eval-every)
+            mean = [(e, statistics.mean(t[e] for t in top1)) for e in tested]
             draw.line([to_xy(e, a) for e, a in mean], fill=PALETTE[j % len(PALETTE)], width=2)
             draw.text((x0 + 8 + 140 * (j % 3), h - pad - 15 - 12 * (j // 3)), c, fill=PALETTE[j % len(PALETTE)])
     img.save(png)
