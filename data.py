@@ -16,11 +16,8 @@ DATASETS = ('cifar100', 'imagenet', 'digits')
 NUM_CLASSES = {'cifar100': 100, 'imagenet': 1000, 'digits': 10}
 # per-channel stats the models normalise with; imagenet: None = each model's own timm config.
 # digits: train split of the fixed split below, scaled to [0,1] and upsampled to 32x32.
-NORM = {
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)),
-    'imagenet': None,
-}
+NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)), 'imagenet': None}
 IDENTITY = ((0., 0., 0.), (1., 1., 1.))  # makes timm's Normalize a no-op
 
 

@@ -17,9 +17,8 @@ def afp_reg(prompted_logits, teacher_logits):
 def hcl(fs, ft):
     """Hierarchical context loss (ReviewKD): MSE of the maps plus MSE of their 4x4, 2x2 and 1x1 average pools,
     weighted 1/2, 1/4, 1/8 where the level is smaller than the map, divided by the sum of the weights used."""
-    loss, total, w = F.mse_loss(fs, ft), 1.0, 1.0
-    for level in (4, 2, 1):
-        w /= 2
+    loss, total = F.mse_loss(fs, ft), 1.0
+    for level, w in ((4, 1 / 2), (2, 1 / 4), (1, 1 / 8)):
         if level < min(fs.shape[-2:]):
             loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
             total += w
@@ -62,8 +61,7 @@ def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
     """DIST (Huang et al., NeurIPS'22) Eq. 4-7: beta*(1 - mean Pearson over samples, i.e. rows of p) +
     gamma*(1 - mean Pearson over classes, i.e. columns of p), p = softmax(logits / tau), times tau^2."""
     ps, pt = F.softmax(logits_s.float() / tau, -1), F.softmax(logits_t.float() / tau, -1)
-    inter = 1 - _pearson_rows(ps, pt).mean()
-    intra = 1 - _pearson_rows(ps.t(), pt.t()).mean()
+    inter, intra = 1 - _pearson_rows(ps, pt).mean(), 1 - _pearson_rows(ps.t(), pt.t()).mean()
     return (beta * inter + gamma * intra) * tau * tau
 
 
@@ -94,8 +92,9 @@ def orthogonality(sub_logits, target, theta=0.5):
 
 
 def _pdist(e):
-    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt()
-    return d * (1 - torch.eye(len(e), device=e.device))
+    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off  # diagonal 0
+    return d / d[off].mean()  # pairwise distances over their off-diagonal mean
 
 
 def _angles(e):
@@ -107,10 +106,7 @@ def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
     """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each over its off-diagonal
     mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and teacher dims may differ (B x B matrices)."""
     s, t = emb_s.float(), emb_t.float()
-    ds, dt = _pdist(s), _pdist(t)
-    off = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
-    ds, dt = ds / ds[off].mean(), dt / dt[off].mean()
-    return w_dist * F.smooth_l1_loss(ds, dt) + w_angle * F.smooth_l1_loss(_angles(s), _angles(t))
+    return w_dist * F.smooth_l1_loss(_pdist(s), _pdist(t)) + w_angle * F.smooth_l1_loss(_angles(s), _angles(t))
 
 
 def cc(emb_s, emb_t):

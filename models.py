@@ -42,17 +42,12 @@ FAMILIES = {
 _SWIN_SMALL = dict(depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
 # short name -> (timm name, kwargs). The *_mini models take 32x32 inputs and cost well under 0.1 GMAC per image.
 MODELS = {
-    'resnet18': ('resnet18', {}),
-    'resnet50': ('resnet50', {}),
-    'mobilenetv2': ('mobilenetv2_100', {}),
-    'convnext_t': ('convnext_tiny', {}),
-    'deit_t': ('deit_tiny_patch16_224', {}),
-    'vit_s': ('vit_small_patch16_224', {}),
-    'swin_t': ('swin_tiny_patch4_window7_224', {}),
+    'resnet18': ('resnet18', {}), 'resnet50': ('resnet50', {}), 'mobilenetv2': ('mobilenetv2_100', {}),
+    'convnext_t': ('convnext_tiny', {}), 'deit_t': ('deit_tiny_patch16_224', {}),
+    'vit_s': ('vit_small_patch16_224', {}), 'swin_t': ('swin_tiny_patch4_window7_224', {}),
     'swin_p': ('swin_tiny_patch4_window7_224', dict(embed_dim=48, **_SWIN_SMALL)),  # OFA's Swin-P
     'swin_n': ('swin_tiny_patch4_window7_224', dict(embed_dim=64, **_SWIN_SMALL)),  # OFA's Swin-N
-    'mixer_b16': ('mixer_b16_224', {}),
-    'resmlp_s12': ('resmlp_12_224', {}),
+    'mixer_b16': ('mixer_b16_224', {}), 'resmlp_s12': ('resmlp_12_224', {}),
     'resnet_mini': ('resnet18', dict(layers=(1, 1, 1, 1), channels=(32, 64, 128, 256), stem_width=32)),
     'convnext_mini': ('convnext_tiny', dict(depths=(1, 1, 1, 1), dims=(32, 64, 128, 256))),
     'vit_mini': ('vit_tiny_patch16_224', dict(img_size=32, patch_size=4, depth=6, embed_dim=96, num_heads=3)),
@@ -85,9 +80,8 @@ class Staged(nn.Module):
         if self.layout == 'nhwc':
             return x.permute(0, 3, 1, 2)
         if self.layout == 'nlc':
-            x = x[:, self.prefix:]
-            side = math.isqrt(x.shape[1])
-            return x.transpose(1, 2).unflatten(2, (side, side))
+            side = math.isqrt(x.shape[1] - self.prefix)
+            return x[:, self.prefix:].transpose(1, 2).unflatten(2, (side, side))
         return x
 
     def from_map(self, m, like):
@@ -100,8 +94,7 @@ class Staged(nn.Module):
 
     def forward(self, images, prompts=None):
         """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} applied to that stage's input."""
-        x = self._stem(self.net, (images - self.mean) / self.std)
-        feats = []
+        x, feats = self._stem(self.net, (images - self.mean) / self.std), []
         for i, stage in enumerate(self._stages):
             if prompts and i in prompts:
                 x = self.from_map(prompts[i](self.to_map(x)), x)
