@@ -127,13 +127,30 @@ class SE(nn.Module):
         return gate if self.replace else x * gate
 
 
+def conv_chain_mean(convs, *parts):
+    """The spatial mean, (B, C, 1, 1), of convs(cat(parts)) for convs = 1x1, k x k (zero padding, stride 1), 1x1
+    with nothing non-linear between them: all the official SE keeps of them. Exact (float rounding aside): per tap of
+    the k x k conv, the sum of the input over the positions it reads, by two small matmuls, not full-size convs."""
+    a, b, c = convs
+    k, (h, w) = b.kernel_size[0], parts[0].shape[-2:]
+
+    def reads(n):  # (n, k): line r is read by tap i iff output line r - i + k // 2 exists
+        y = torch.arange(n, device=parts[0].device)[:, None] - torch.arange(k, device=parts[0].device) + k // 2
+        return ((y >= 0) & (y < n)).to(parts[0].dtype)
+    rh, rw = reads(h), reads(w)
+    taps = torch.cat([rh.t() @ (u @ rw) for u in parts], 1)  # (B, C, k, k); a's bias counts once per position read
+    z = F.conv2d(taps, a.weight, groups=a.groups) + a.bias[:, None, None] * torch.outer(rh.sum(0), rw.sum(0))
+    return c(F.conv2d(z, b.weight, groups=b.groups) / (h * w) + b.bias[:, None, None])
+
+
 class AFP(nn.Module):
     """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))), feedback =
     M(F_S) - F_T' of the previous iteration (buffer). beta starts at 0: the prompted teacher starts as the teacher."""
 
     def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='spatial'):
         super().__init__()
-        se = lambda c: SE(c, replace=prompt == 'channel')
+        self.channel = prompt == 'channel'
+        se = lambda c: SE(c, replace=self.channel)
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
         # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
@@ -163,14 +180,16 @@ class AFP(nn.Module):
         return self.prompted(x, fb)
 
     def prompted(self, x, fb):
-        # the branch runs channels_last: oneDNN's depthwise-conv weight gradients are 5-20x faster so on CPU
-        cl = lambda t: t.contiguous(memory_format=torch.channels_last)
-        x_in = cl(x)
-        if fb is not None:
-            fb = self.fb_align(cl(fb.to(x.dtype)))
+        if fb is not None:  # the previous iteration's gap, at this stage input's channels and size
+            fb = self.fb_align(fb.to(x.dtype))
             if fb.shape[-2:] != x.shape[-2:]:
                 fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
-            x_in = self.fusion(torch.cat([fb, x_in], 1))  # Eq. 6: FB(Concat(Feedback_i, F_i^T))
+        if self.channel:  # official SE: a branch reaches the prompt only through the mean of its first three convs
+            x_in = x if fb is None else self.fusion[3:](conv_chain_mean(self.fusion[:3], fb, x))  # Eq. 6: (B, C, 1, 1)
+            return x + self.beta * self.prompt[3:](conv_chain_mean(self.prompt[:3], x_in))
+        # the spatial branches run channels_last: oneDNN's depthwise-conv weight gradients are 5-20x faster so on CPU
+        cl = lambda t: t.contiguous(memory_format=torch.channels_last)
+        x_in = cl(x) if fb is None else self.fusion(torch.cat([cl(fb), cl(x)], 1))  # Eq. 6: FB(Concat(Feedback, F^T))
         return x + self.beta * self.prompt(x_in)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -134,12 +134,16 @@ def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
         assert not torch.allclose(feats[-1], d.teacher(x, prompts)[1][-1])  # (timm's Mixer head starts at zero)
 
 
+@pytest.mark.parametrize('prompt,fusion,feedback', [('spatial', 'dw', True), ('channel', 'dw', True),
+                                                     ('channel', 'full', True), ('channel', 'dw', False)])
 @pytest.mark.parametrize('in_shape,out_shape,nhwc', [((16, 8, 8), (32, 4, 4), False), ((8, 6, 6), (8, 6, 6), True)])
-def test_afp_channels_last_branch_matches_the_contiguous_maths(in_shape, out_shape, nhwc):
-    # AFP runs its branch channels_last (speed); the same layers on contiguous maps give the same values and gradients
+def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, prompt, fusion, feedback):
+    # AFP runs the spatial branches channels_last and the official SE's branches from per-tap sums (speed); the plain
+    # layer chain on contiguous maps gives the same values and gradients
     torch.manual_seed(0)
-    afp = AFP(in_shape, out_shape)
-    afp.feedback = torch.randn(3, *out_shape)
+    afp = AFP(in_shape, out_shape, feedback, fusion, prompt)
+    if feedback:
+        afp.feedback = torch.randn(3, *out_shape)
     with torch.no_grad():
         afp.beta.fill_(0.7)
     x = torch.randn(3, *in_shape[1:], in_shape[0]).permute(0, 3, 1, 2) if nhwc else torch.randn(3, *in_shape)
@@ -147,8 +151,10 @@ def test_afp_channels_last_branch_matches_the_contiguous_maths(in_shape, out_sha
     w = torch.randn(3, *in_shape)
 
     def reference():
-        fb = F.interpolate(afp.fb_align(afp.feedback), size=in_shape[1:], mode='nearest')
         xc = x.contiguous()
+        if not feedback:
+            return xc + afp.beta * afp.prompt(xc)
+        fb = F.interpolate(afp.fb_align(afp.feedback), size=in_shape[1:], mode='nearest')
         return xc + afp.beta * afp.prompt(afp.fusion(torch.cat([fb, xc], 1)))
 
     results = []
