@@ -16,11 +16,13 @@ def afp_reg(prompted_logits, teacher_logits):
 
 def hcl(fs, ft):
     """Hierarchical context loss (ReviewKD): MSE of the maps plus MSE of their 4x4, 2x2 and 1x1 average pools,
-    weighted 1/2, 1/4, 1/8 where the level is smaller than the map, divided by the sum of the weights used."""
-    loss, total = F.mse_loss(fs, ft), 1.0
+    weighted 1/2, 1/4, 1/8 where the level is smaller than the map, divided by the sum of the weights used. Pooling is
+    linear, so the pools of fs - ft are pooled once (half the pooling, and its full-size backward buffers)."""
+    d = fs - ft
+    loss, total = d.pow(2).mean(), 1.0
     for level, w in ((4, 1 / 2), (2, 1 / 4), (1, 1 / 8)):
-        if level < min(fs.shape[-2:]):
-            loss = loss + w * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+        if level < min(d.shape[-2:]):
+            loss = loss + w * F.adaptive_avg_pool2d(d, level).pow(2).mean()
             total += w
     return loss / total
 
