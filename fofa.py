@@ -114,8 +114,8 @@ class RAA(nn.Module):
 
 
 class SE(nn.Module):
-    """Squeeze-excitation that gates the feature. replace=True returns the gate itself, as the official block did:
-    every layer after it then runs on a 1x1 map, and the prompt becomes a per-sample, per-channel bias."""
+    """Squeeze-excitation. replace=True (the official block, AFP's default) returns the gate itself: every layer after
+    it runs on a 1x1 map and the prompt is a per-sample, per-channel bias; replace=False gates the feature."""
 
     def __init__(self, c, replace=False):
         super().__init__()
@@ -147,7 +147,7 @@ class AFP(nn.Module):
     """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))), feedback =
     M(F_S) - F_T' of the previous iteration (buffer). beta starts at 0: the prompted teacher starts as the teacher."""
 
-    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='spatial'):
+    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='channel'):
         super().__init__()
         self.channel = prompt == 'channel'
         se = lambda c: SE(c, replace=self.channel)
@@ -202,11 +202,11 @@ class AFP(nn.Module):
 class FOFA(Distiller):
     """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i)
     (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4
-    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='channel': the official
-    squeeze-excitation (README). Under DDP use broadcast_buffers=False: feedback buffers hold each rank's batch."""
+    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='spatial': an SE that gates a
+    spatial prompt instead of the official channel bias (README). Under DDP use broadcast_buffers=False."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
-                 raa=True, fusion='dw', prompt='spatial', alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
+                 raa=True, fusion='dw', prompt='channel', recompute=(), alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
                  label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
@@ -217,9 +217,10 @@ class FOFA(Distiller):
         self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion, prompt)
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
+        self.recompute = [i - 1 for i in recompute]  # stages whose prompted pass is run again in backward (memory)
 
     def prompted_teacher(self, images):  # the teacher with the current prompts and feedback: (logits, feats)
-        return self.teacher(images, {int(i): afp for i, afp in self.afp.items()})
+        return self.teacher(images, {int(i): afp for i, afp in self.afp.items()}, self.recompute)
 
     def extra_evals(self):  # the prompted teacher with this run's current feedback (README, Evidence)
         return {'prompted_teacher': self.prompted_teacher} if len(self.afp) else {}

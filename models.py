@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from timm.models import ConvNeXt, EfficientNet, MlpMixer, ResNet, SwinTransformer, VisionTransformer
 from timm.models.mlp_mixer import Affine, ResBlock
+from torch.utils.checkpoint import checkpoint
 
 
 def _isotropic(blocks):
@@ -92,13 +93,14 @@ class Staged(nn.Module):
             return torch.cat([like[:, :self.prefix], m.flatten(2).transpose(1, 2)], 1)
         return m
 
-    def forward(self, images, prompts=None):
-        """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} applied to that stage's input."""
+    def forward(self, images, prompts=None, recompute=()):
+        """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} applied to that stage's input.
+        recompute: stage indices 0-3 whose backward keeps only the stage input and runs the stage again (memory)."""
         x, feats = self._stem(self.net, (images - self.mean) / self.std), []
         for i, stage in enumerate(self._stages):
             if prompts and i in prompts:
                 x = self.from_map(prompts[i](self.to_map(x)), x)
-            x = stage(x)
+            x = checkpoint(stage, x, use_reentrant=False) if i in recompute and torch.is_grad_enabled() else stage(x)
             feats.append(self.to_map(x))
         return self.net.forward_head(self._final(x)), feats
 

@@ -181,6 +181,29 @@ def test_official_squeeze_excitation_is_a_channel_bias(teacher):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in afp.parameters())
 
 
+@pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
+def test_recomputed_teacher_stages_give_the_same_losses_and_gradients(teacher):
+    # --recompute-stages trades time for memory only: same losses, gradients and next feedback as keeping activations
+    d = small_fofa(teacher, 'vit_mini')
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    with torch.no_grad():
+        for afp in d.afp.values():
+            afp.beta.fill_(0.5)
+            afp.feedback = torch.randn(4, *afp.out_shape)
+    start = {i: afp.feedback for i, afp in d.afp.items()}
+    results = []
+    for recompute in ([], [0, 1, 2, 3]):
+        d.recompute = recompute
+        for i, afp in d.afp.items():
+            afp.feedback = start[i]
+        _, losses = d(x, y)
+        grads = torch.autograd.grad(losses['total'], list(d.parameters()), allow_unused=True)
+        results.append([losses['total'], *[g for g in grads if g is not None], *[a.feedback for a in d.afp.values()]])
+    assert len(results[0]) == len(results[1]) > 10
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_feedback_comes_from_the_previous_iteration():
     d = small_fofa('convnext_mini', 'vit_mini')  # no BatchNorm on the student side: recomputation is exact
     a, b = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)

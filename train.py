@@ -46,7 +46,8 @@ common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)
 pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
 fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
     nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
-    prompt=a.afp_prompt, beta=a.beta, gamma=a.gamma), **kw})  # kw: overrides (FitNet)
+    prompt=a.afp_prompt, recompute=stage_list(a.recompute_stages, '', True), beta=a.beta, gamma=a.gamma),
+    **kw})  # kw: overrides (FitNet)
 # --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
 # its class (baselines.py) or loss (losses.py), and its tests.
 METHODS = {
@@ -63,8 +64,8 @@ METHODS = {
     'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
 }
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume', 'overwrite', 'out',
-             'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume (README); no other
+RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'recompute_stages', 'resume',
+             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,8 +103,10 @@ def parser():
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
     a('--afp-fusion', default='dw', choices=('dw', 'full'), help='FOFA: 5x5 fusion conv: depthwise or official')
-    a('--afp-prompt', default='spatial', choices=('spatial', 'channel'), help="FOFA: the SE gates a spatial prompt, "
-      "or replaces it as in the official code (a per-channel bias)")
+    a('--afp-prompt', default='channel', choices=('channel', 'spatial'), help="FOFA: the official SE output replaces "
+      "the feature (a per-channel bias), or gates it (a spatial prompt)")
+    a('--recompute-stages', default='none', help="FOFA: teacher stages whose prompted pass is run again in backward "
+      "instead of keeping its activations (less memory, more time), or 'none'")
     a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
     a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
@@ -154,6 +157,7 @@ def check_args(args):
     if args.opt and args.opt.lower().removeprefix('lookahead_') not in timm.optim.list_optimizers():
         raise SystemExit(f"unknown --opt '{args.opt}': use a timm optimizer name (sgd, adamw, lamb...).")
     args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
+    stage_list(args.recompute_stages, '--recompute-stages', allow_none=True)  # checked here, read by fofa()
     args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
     if min(args.dkd[2], args.dist[2]) <= 0:
         raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
