@@ -70,11 +70,11 @@ def draw_attention(args):
 
 
 def load_runs(root):
-    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl, configs in run order,
+    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl,
     finished runs only (up to their --epochs; untested epochs may be left out of a log), and {(pair, config):
     'n diverged, m unfinished'} for the others."""
     runs, left = defaultdict(dict), defaultdict(lambda: [0, 0])
-    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl')), key=os.path.getmtime):
+    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl'))):  # by name (a checkout has no times)
         pair, config, seed = log.split(os.sep)[-4:-1]
         records, seeds = [json.loads(line) for line in open(log)], runs[pair].setdefault(config, {})
         if records[-1]['epoch'] >= json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']:

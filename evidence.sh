@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's comparisons in miniature, offline (README, Evidence): every method, the Table 4 ladder and the
 # hypotheses about the prompts, on three heterogeneous pairs of the 32-px models, sklearn digits, 5 seeds each.
-# Teachers see the whole training split; students a fixed stratified fraction of it. Every config passes all its
-# flags, so later changes of defaults do not change what a finished run measured. JOBS single-thread trainings run
+# Teachers see the whole training split; students a fixed stratified fraction of it. Every FOFA config passes all
+# its FOFA flags, so later changes of their defaults do not change what a finished run measured. JOBS single-thread trainings run
 # side by side. Restartable: finished runs are skipped, interrupted ones resume from their last.pt. Each finished
 # (or diverged) run's args.json and tested-epoch log lines go to $RESULTS (tracked by git: results survive a new
 # checkout, and the README's tables are `python eval.py --summarize evidence`); checkpoints stay in $OUT.
@@ -56,7 +56,7 @@ run() {  # teacher student frac epochs config seed
   fi
   mkdir -p "$res" && cp "$dir/args.json" "$res/"
   grep -v '"skipped_steps": 0, "top1": null' "$dir/log.jsonl" > "$res/log.jsonl.tmp"  # tested epochs (and skips)
-  mv "$res/log.jsonl.tmp" "$res/log.jsonl"
+  [ -s "$res/log.jsonl.tmp" ] && mv "$res/log.jsonl.tmp" "$res/log.jsonl" || { rm -rf "$res"; return 0; }  # not empty
   echo -e "$1-$2\t$5\t$6\t$((SECONDS - t0))" >> "$RESULTS/times.tsv"
   echo "$1 -> $2 $5 seed $6: $(tail -n 1 "$dir.out" | cut -c1-90) ($((SECONDS - t0)) s)"
 }

@@ -133,6 +133,7 @@ def conv_chain_mean(convs, *parts):
     the k x k conv, the sum of the input over the positions it reads, by two small matmuls, not full-size convs."""
     a, b, c = convs
     k, (h, w) = b.kernel_size[0], parts[0].shape[-2:]
+    assert a.kernel_size == c.kernel_size == (1, 1) and b.stride == (1, 1) and b.padding == (k // 2, k // 2)
 
     def reads(n):  # (n, k): line r is read by tap i iff output line r - i + k // 2 exists
         y = torch.arange(n, device=parts[0].device)[:, None] - torch.arange(k, device=parts[0].device) + k // 2

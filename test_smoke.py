@@ -136,7 +136,8 @@ def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
 
 @pytest.mark.parametrize('prompt,fusion,feedback', [('spatial', 'dw', True), ('channel', 'dw', True),
                                                      ('channel', 'full', True), ('channel', 'dw', False)])
-@pytest.mark.parametrize('in_shape,out_shape,nhwc', [((16, 8, 8), (32, 4, 4), False), ((8, 6, 6), (8, 6, 6), True)])
+@pytest.mark.parametrize('in_shape,out_shape,nhwc', [((16, 8, 8), (32, 4, 4), False), ((8, 6, 6), (8, 6, 6), True),
+                                                     ((8, 2, 2), (16, 1, 1), False), ((4, 1, 7), (4, 1, 7), True)])
 def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, prompt, fusion, feedback):
     # AFP runs the spatial branches channels_last and the official SE's branches from per-tap sums (speed); the plain
     # layer chain on contiguous maps gives the same values and gradients
@@ -183,22 +184,24 @@ def test_official_squeeze_excitation_is_a_channel_bias(teacher):
 
 @pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
 def test_recomputed_teacher_stages_give_the_same_losses_and_gradients(teacher):
-    # --recompute-stages trades time for memory only: same losses, gradients and next feedback as keeping activations
-    d = small_fofa(teacher, 'vit_mini')
+    # --recompute-stages trades time for memory only: same losses, gradients and next feedback as keeping activations;
+    # the chosen stages (1-based) do run again in backward
     x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    with torch.no_grad():
-        for afp in d.afp.values():
-            afp.beta.fill_(0.5)
-            afp.feedback = torch.randn(4, *afp.out_shape)
-    start = {i: afp.feedback for i, afp in d.afp.items()}
-    results = []
-    for recompute in ([], [0, 1, 2, 3]):
-        d.recompute = recompute
-        for i, afp in d.afp.items():
-            afp.feedback = start[i]
+    results, calls = [], []
+    for recompute in ((), (1, 3)):
+        d = small_fofa(teacher, 'vit_mini', recompute=recompute)
+        with torch.no_grad():
+            for afp in d.afp.values():
+                afp.beta.fill_(0.5)
+                afp.feedback = torch.randn(4, *afp.out_shape, generator=torch.Generator().manual_seed(1))
+        count = [0] * 4
+        for i, stage in enumerate(d.teacher._stages):
+            stage.register_forward_pre_hook(lambda *_, i=i: count.__setitem__(i, count[i] + 1))
         _, losses = d(x, y)
         grads = torch.autograd.grad(losses['total'], list(d.parameters()), allow_unused=True)
         results.append([losses['total'], *[g for g in grads if g is not None], *[a.feedback for a in d.afp.values()]])
+        calls.append(count)
+    assert calls == [[2, 2, 2, 2], [3, 2, 3, 2]]  # plain and prompted passes; + the recomputed stages 1 and 3
     assert len(results[0]) == len(results[1]) > 10
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -46,7 +46,7 @@ common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)
 pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
 fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
     nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
-    prompt=a.afp_prompt, recompute=stage_list(a.recompute_stages, '', True), beta=a.beta, gamma=a.gamma),
+    prompt=a.afp_prompt or 'channel', recompute=stage_list(a.recompute_stages, '', True), beta=a.beta, gamma=a.gamma),
     **kw})  # kw: overrides (FitNet)
 # --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
 # its class (baselines.py) or loss (losses.py), and its tests.
@@ -103,8 +103,8 @@ def parser():
     a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
     a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
     a('--afp-fusion', default='dw', choices=('dw', 'full'), help='FOFA: 5x5 fusion conv: depthwise or official')
-    a('--afp-prompt', default='channel', choices=('channel', 'spatial'), help="FOFA: the official SE output replaces "
-      "the feature (a per-channel bias), or gates it (a spatial prompt)")
+    a('--afp-prompt', choices=('channel', 'spatial'), help="FOFA: the official SE output replaces the feature (a "
+      "per-channel bias; the default), or gates it (a spatial prompt)")
     a('--recompute-stages', default='none', help="FOFA: teacher stages whose prompted pass is run again in backward "
       "instead of keeping its activations (less memory, more time), or 'none'")
     a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
