@@ -121,13 +121,14 @@ def summarize(root):
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 90, 200), (255, 187, 120),
-           (152, 223, 138)]
+           (152, 223, 138), (128, 0, 0), (0, 128, 128)]
 
 
 def curves(root, png, w=520, h=360, pad=40):
     """Test top-1 per epoch, mean over seeds, one line per config and one panel per pair, into a PNG (Pillow)."""
     runs = load_runs(root)[0]
-    img = Image.new('RGB', (w * len(runs), h), 'white')
+    rows = max(-(-len(configs) // 3) for configs in runs.values())  # legend lines, under the panels
+    img = Image.new('RGB', (w * len(runs), h + 12 * rows), 'white')
     draw = ImageDraw.Draw(img)
     for k, (pair, configs) in enumerate(sorted(runs.items())):
         x0, epochs = k * w + pad, max(r[-1]['epoch'] for seeds in configs.values() for r in seeds.values())
@@ -142,7 +143,7 @@ def curves(root, png, w=520, h=360, pad=40):
             tested = sorted(set.intersection(*map(set, top1)))  # epochs tested in every seed (--eval-every)
             mean = [(e, statistics.mean(t[e] for t in top1)) for e in tested]
             draw.line([to_xy(e, a) for e, a in mean], fill=PALETTE[j % len(PALETTE)], width=2)
-            draw.text((x0 + 8 + 140 * (j % 3), h - pad - 15 - 12 * (j // 3)), c, fill=PALETTE[j % len(PALETTE)])
+            draw.text((x0 + 150 * (j % 3), h - pad + 18 + 12 * (j // 3)), c, fill=PALETTE[j % len(PALETTE)])
     img.save(png)
     print(f'{png}: curves of {sum(len(c) for c in runs.values())} configs in {len(runs)} pairs')
 

@@ -462,7 +462,7 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
     png = tmp_path / 'curves.png'
     evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
     img = np.asarray(Image.open(png).convert('RGB')).astype(int)
-    assert img.shape == (360, 520, 3)
+    assert img.shape == (372, 520, 3)  # one panel, one legend line
     for color in evaluate_script.PALETTE[:2]:  # one line per config
         assert (np.abs(img - color).sum(-1) == 0).sum() > 50
 
