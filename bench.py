@@ -68,6 +68,32 @@ def release_memory(device):
         torch.cuda.reset_peak_memory_stats()
 
 
+def saved_by_part(model, step):
+    """MiB of the tensors autograd keeps for backward in one step, by the module whose forward made them: the student,
+    the teacher (the floor's or FOFA's prompted pass), each of the method's own modules, or 'losses' (outside them).
+    Weights count nowhere (resident anyway); a checkpointed block counts its inputs only, as autograd keeps them."""
+    parts, sizes, seen = ['losses'], {}, {p.untyped_storage().data_ptr() for p in (*model.parameters(),
+                                                                              *model.buffers())}
+    mods = [(n, c) for n, m in [*model.named_children(), ('teacher', model.teacher)] if m is not None
+            for c in (m.children() if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [m])]
+    hooks = [h for name, m in mods for h in (
+        m.register_forward_pre_hook(lambda *_, n=name: parts.append(n)),
+        m.register_forward_hook(lambda *_: parts.pop() and None))]  # None: the output is kept
+    if model.teacher is not None:
+        seen |= {p.untyped_storage().data_ptr() for p in model.teacher.parameters()}
+
+    def pack(t):
+        if (ptr := t.untyped_storage().data_ptr()) not in seen:
+            seen.add(ptr)
+            sizes[parts[-1]] = sizes.get(parts[-1], 0) + t.untyped_storage().nbytes() / 2**20
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
 def grad_from_here(m):  # the floor's teacher pass: autograd from the stage-1 input on, as FOFA's prompted pass
     return m.detach().requires_grad_()
 
@@ -109,10 +135,11 @@ def bench(args, method, device, x, y, ctx):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     mem = torch.cuda.max_memory_allocated() if device != 'cpu' else rss.peak
+    saved = saved_by_part(model, step)
     extra = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(
         p.numel() for p in model.student.parameters() if p.requires_grad)
     return dict(method=method, ms=1000 * statistics.median(times), mem=mem / 2**30, flops=flops(step) / 1e9,
-                extra=extra / 1e6)
+                extra=extra / 1e6, saved=saved)
 
 
 def main(argv=None):
@@ -155,7 +182,7 @@ def main(argv=None):
         for m in methods:
             runs[m].append(bench(args, m, device, x, y, ctx))
             release_memory(device)
-    rows = {m: {k: statistics.median(r[k] for r in rs) if k != 'method' else m for k in rs[0]}
+    rows = {m: {k: statistics.median(r[k] for r in rs) if k not in ('method', 'saved') else rs[0][k] for k in rs[0]}
             for m, rs in runs.items()}
     ce, kd, floor = rows.get('ce'), rows.get('kd'), rows.get('floor')
     print(f"{'method':8} {'img/s':>8} {'ms/step':>9} {'peak GB':>8} {'GFLOP':>8} {'extra M':>8} {'t/ce':>6} {'t/kd':>6} "
@@ -165,6 +192,9 @@ def main(argv=None):
         print(f"{m:8} {1000 * args.batch_size / r['ms']:8.1f} {r['ms']:9.1f} {r['mem']:8.2f} {r['flops']:8.1f} "
               f"{r['extra']:8.2f} {rel(ce, 'ms'):>6} {rel(kd, 'ms'):>6} {rel(kd, 'mem'):>7} {rel(floor, 'ms'):>8} "
               f"{rel(floor, 'mem'):>9}")
+    print('saved for backward in one step, MiB, by the module that made it:')
+    for m, r in rows.items():
+        print(f"{m:8} {sum(r['saved'].values()):7.0f} = " + ', '.join(f'{k} {v:.0f}' for k, v in r['saved'].items()))
     if floor and 'fofa' in rows:  # per-round ratios, so that a slow round on a shared machine counts once
         ratio = lambda k: statistics.median(a[k] / b[k] for a, b in zip(runs['fofa'], runs['floor']))
         print(f"FOFA / floor (KD + a teacher pass with autograd from its stage-1 input, measured in this run): "

@@ -422,6 +422,9 @@ def test_bench_prints_ratios_and_the_floor(capsys):
                                                                         for r in rows.values())
     assert rows['ce']['flops'] < rows['kd']['flops'] < rows['floor']['flops'] < rows['fofa']['flops']
     assert rows['ce']['extra'] == rows['kd']['extra'] == rows['floor']['extra'] == 0 < rows['fbt']['extra']
+    saved = {m: r['saved'] for m, r in rows.items()}  # the no-grad teacher pass of kd keeps nothing for backward
+    assert 'teacher' not in saved['kd'] and saved['floor']['teacher'] > 0 and saved['kd']['student'] > 0
+    assert {'raa', 'afp', 'teacher'} <= saved['fofa'].keys() and {'proj', 'cfm'} <= saved['hcd'].keys()
     assert 'FOFA / floor' in capsys.readouterr().out
 
 
