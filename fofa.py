@@ -151,12 +151,11 @@ class AFP(nn.Module):
     def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='channel'):
         super().__init__()
         self.channel = prompt == 'channel'
-        se = lambda c: SE(c, replace=self.channel)
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
         # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
         self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g), nn.Conv2d(c, c, 5, padding=2, groups=c),
-                                    nn.Conv2d(c, c, 1), se(c), nn.Conv2d(c, c, 1, groups=g))
+                                    nn.Conv2d(c, c, 1), SE(c, self.channel), nn.Conv2d(c, c, 1, groups=g))
         self.beta = nn.Parameter(torch.zeros(1))
         if use_feedback:
             # feedback from the stage output back to the stage input's channels (resized in forward)
@@ -165,7 +164,7 @@ class AFP(nn.Module):
             # of FLOPs per step at 224 px (README, Speed and memory)
             groups = {'dw': c, 'full': 1}[fusion]
             self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
-                                        nn.Conv2d(c, c, 1), se(c), nn.Conv2d(c, c, 1))
+                                        nn.Conv2d(c, c, 1), SE(c, self.channel), nn.Conv2d(c, c, 1))
             self.register_buffer('feedback', torch.zeros(0))
 
     def forward(self, x):
