@@ -423,8 +423,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             if fused:
                 opt.found_inf = bad  # the kernel skips the update when the loss was NaN/inf: no sync
-                opt.step()
-            elif not bad.item():  # other optimizers need the flag on the host: one sync per step
+            if fused or not bad.item():  # other optimizers need the flag on the host: one sync per step
                 opt.step()
             opt.zero_grad(set_to_none=True)
             if ema:
