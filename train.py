@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import os
+import pathlib
 import pickle
 import sys
 import time
@@ -349,10 +350,8 @@ def start_run(args, model, opt, ema, ddp_rank, device):
         if ddp_rank == 0:
             os.makedirs(args.out, exist_ok=True)
             for f in ('log.jsonl', 'last.pt', 'best.pt'):
-                with suppress(FileNotFoundError):
-                    os.remove(os.path.join(args.out, f))
-            with open(os.path.join(args.out, 'args.json'), 'w') as f:
-                json.dump(vars(args), f, indent=1)
+                pathlib.Path(args.out, f).unlink(missing_ok=True)
+            pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
         return 0, {'top1': -1.0}
     ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
     if ddp_rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero (one step)
