@@ -127,14 +127,12 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
     # one process is a world of size 1: the epoch's permutation is the same for any number of processes, and rank r
     # takes every world_size-th sample, so a step of N processes sees the samples one process would in one batch
-    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                       drop_last=True)
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
     val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards, no padding
     # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
-    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, num_workers=workers,
-                              pin_memory=pin_memory, drop_last=True, generator=generator, persistent_workers=False)
-    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, shuffle=False,  # no grad: 4x the batch
-                            num_workers=workers, pin_memory=pin_memory, drop_last=False)
+    kw = dict(num_workers=workers, pin_memory=pin_memory)
+    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True, generator=generator, **kw)
+    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, **kw)  # no grad: 4x the batch
     if len(train_loader) == 0:
         raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than --batch-size {batch_size}: "
                          "lower the batch size.")
