@@ -68,8 +68,7 @@ class Staged(nn.Module):
     def __init__(self, net, mean, std):
         super().__init__()
         self.net = net
-        self.family = next(f for f, row in FAMILIES.items() if isinstance(net, row[0]))
-        _, self._stem, stages, final, self.layout = FAMILIES[self.family]
+        _, self._stem, stages, final, self.layout = next(row for row in FAMILIES.values() if isinstance(net, row[0]))
         self._stages = tuple(stages(net))  # views into self.net; a tuple keeps them out of the state_dict
         self._final = getattr(net, final) if final else nn.Identity()
         self.prefix = getattr(net, 'num_prefix_tokens', 0)  # ViT class token(s): timm puts them FIRST
