@@ -175,8 +175,8 @@ class AFP(nn.Module):
                 fb = x.new_zeros(x.shape[0], *self.out_shape)
             elif fb.shape[0] != x.shape[0]:  # a batch of another size (the last test batch): rows reused in turn
                 fb = fb[torch.arange(x.shape[0], device=fb.device) % fb.shape[0]]
-        if torch.is_grad_enabled():  # recompute in backward: a few cheap convs on many full-size maps (memory)
-            return checkpoint(self.prompted, x, fb, use_reentrant=False)
+        if torch.is_grad_enabled() and not self.channel:  # recompute the spatial prompt's cheap convs in backward:
+            return checkpoint(self.prompted, x, fb, use_reentrant=False)  # 0.55 GB less; the channel one keeps less
         return self.prompted(x, fb)
 
     def prompted(self, x, fb):
