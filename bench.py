@@ -71,7 +71,8 @@ def release_memory(device):
 def saved_by_part(model, step):
     """MiB of the tensors autograd keeps for backward in one step, by the module whose forward made them: the student,
     the teacher (the floor's or FOFA's prompted pass), each of the method's own modules, or 'losses' (outside them).
-    Weights count nowhere (resident anyway); a checkpointed block counts its inputs only, as autograd keeps them."""
+    Weights count nowhere (resident anyway); a checkpointed block counts its inputs only, as autograd keeps them.
+    Under --compile a module run inside the compiled student or teacher (an AFP) counts as that model."""
     parts, sizes, seen = ['losses'], {}, {p.untyped_storage().data_ptr() for p in (*model.parameters(),
                                                                               *model.buffers())}
     mods = [(n, c) for n, m in [*model.named_children(), ('teacher', model.teacher)] if m is not None
