@@ -167,6 +167,20 @@ def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, prompt
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_afp_keeps_for_backward_only_what_it_needs():
+    # the spatial prompt is recomputed in backward, so it keeps its inputs only; the channel prompt is not, and keeps
+    # no map of its input's size either (its convolutions run on tap sums), so checkpointing it could only add
+    for prompt in ('spatial', 'channel'):
+        afp, x = AFP((8, 24, 24), (16, 12, 12), prompt=prompt), torch.rand(2, 8, 24, 24, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            afp(x)
+        if prompt == 'spatial':
+            assert [t.shape for t in saved] == [x.shape, (2, 16, 12, 12)]  # the input and the (zero) feedback
+        else:
+            assert len(saved) > 2 and max(t.numel() for t in saved) < x.numel()
+
+
 @pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
 def test_official_squeeze_excitation_is_a_channel_bias(teacher):
     d = small_fofa(teacher, 'vit_mini', prompt='channel')
