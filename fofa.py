@@ -176,7 +176,7 @@ class AFP(nn.Module):
             elif fb.shape[0] != x.shape[0]:  # a batch of another size (the last test batch): rows reused in turn
                 fb = fb[torch.arange(x.shape[0], device=fb.device) % fb.shape[0]]
         if torch.is_grad_enabled() and not self.channel:  # recompute the spatial prompt's cheap convs in backward:
-            return checkpoint(self.prompted, x, fb, use_reentrant=False)  # 556 MiB less (224 px, batch 16); README
+            return checkpoint(self.prompted, x, fb, use_reentrant=False)  # memory: README, Speed and memory
         return self.prompted(x, fb)
 
     def prompted(self, x, fb):
