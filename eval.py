@@ -94,10 +94,14 @@ def drift(r, tested):
     return statistics.mean(w[1]) - statistics.mean(w[0]) if all(w) else None
 
 
-def summarize(root):
+def ms(xs):
+    return f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
+
+
+def summarize(root, comparisons=()):
     """One markdown table per pair: final and best top-1 (mean +- std over seeds), the drift, the paired per-seed
-    difference of the final top-1 to kd, raa and fofa (same seed and data order), the prompted teacher's final top-1."""
-    ms = lambda xs: f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
+    difference of the final top-1 to kd, raa and fofa (same seed and data order), the prompted teacher's final top-1;
+    then one table of the paired differences A - B (comparisons 'A:B') with a column per pair."""
     runs, left = load_runs(root)
     for pair, configs in sorted(runs.items()):
         final = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
@@ -116,6 +120,17 @@ def summarize(root):
             drifts = [d for r in seeds.values() if (d := drift(r, tested)) is not None]
             print(f'| {c} | {seeds_note} | {ms(list(final[c].values()))} | {ms(best)} | {ms(drifts)} | '
                   f'{paired("kd")} | {paired("raa")} | {paired("fofa")} | {ms(prompted)} |')
+    if comparisons:
+        pairs = sorted(runs)
+        print('\n| paired difference of the final top-1 | ' + ' | '.join(p.replace('-', ' -> ') for p in pairs) + ' |\n'
+              + '|---' * (len(pairs) + 1) + '|')
+    for a, b in (c.split(':') for c in comparisons):
+        cells = []
+        for p in pairs:
+            fa, fb = ({s: r[-1]['top1'] for s, r in runs[p].get(c, {}).items()} for c in (a, b))
+            d = [fa[s] - fb[s] for s in fa if s in fb]
+            cells.append(f'{ms(d)} (n = {len(d)})' if d else '-')
+        print(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
     return runs
 
 
@@ -161,10 +176,14 @@ def main(argv=None):
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
     p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (see evidence.sh)')
     p.add_argument('--curves', metavar='PNG', help='with --summarize: draw their learning curves')
+    p.add_argument('--paired', nargs='+', default=(), metavar='A:B',
+                   help='with --summarize: a table of the paired final top-1 differences A - B of configs')
     args = p.parse_args(argv)
     if args.summarize:
         root = train.check_path('--summarize', args.summarize, 'runs directory')
-        return curves(root, args.curves) if args.curves else summarize(root)
+        if any(c.count(':') != 1 for c in args.paired):
+            raise SystemExit('--paired takes configs in pairs, A:B (e.g. raa:fitnet).')
+        return curves(root, args.curves) if args.curves else summarize(root, args.paired)
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')
     train.check_path('--ckpt', None if args.ckpt == 'timm' else args.ckpt.removesuffix(':ema'), 'checkpoint file')

@@ -469,13 +469,16 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
         (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e + 1, 'top1': a, 'skipped_steps': int(a == 0)})
                                              + '\n' for e, a in enumerate(accs)))
         (d / 'args.json').write_text(json.dumps({'epochs': 3}))
-    evaluate_script.main(['--summarize', str(tmp_path)])
+    evaluate_script.main(['--summarize', str(tmp_path), '--paired', 'fofa:kd', 'kd:ofa'])
     out = capsys.readouterr().out
     assert 'cnn -> vit, teacher top-1 95.00' in out
     # drift: epoch 3 (the last 20%) minus epoch 2 (the 20% before); paired to kd: 2 and 2
     assert '| kd | 2 | 82.00 ± 2.83 | 82.00 ± 2.83 | 21.00 ± 1.41 | 0.00 ± 0.00 | - | -2.00 ± 0.00 | 90.50 ± 0.71 |' in out
     assert ('| fofa | 2 (1 diverged, 1 unfinished) | 84.00 ± 2.83 | 84.00 ± 2.83 | 11.50 ± 0.71 | 2.00 ± 0.00 | - | '
             '0.00 ± 0.00 | 90.50 ± 0.71 |' in out)
+    # the paired table: one column per pair, seeds both configs finished; '-' where a config has no runs
+    assert '| paired difference of the final top-1 | cnn -> vit |\n|---|---|\n| fofa - kd | 2.00 ± 0.00 (n = 2) |' in out
+    assert '| kd - ofa | - |' in out
     png = tmp_path / 'curves.png'
     evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
     img = np.asarray(Image.open(png).convert('RGB')).astype(int)
@@ -659,6 +662,7 @@ def user_error_cases(tmp_path):
         (['eval.py', '--ckpt', t, '--attn', str(empty)], 'is a directory, not a PNG file'),
         (['eval.py', '--summarize', str(tmp_path / 'nowhere')], 'does not exist'),
         (['eval.py', '--summarize', str(empty)], 'holds no finished runs'),
+        (['eval.py', '--summarize', str(empty), '--paired', 'raa'], '--paired takes configs in pairs'),
         (['bench.py'] + ok + ['--methods', 'ce,magic'], '--methods'),
         (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),
