@@ -20,8 +20,8 @@ export COMMON="--dataset digits --batch-size 16 --dim 128 --log-every 100000 --w
 # two seeds, at 3.5% a 2-seed pilot put KD 3.5-6 points above CE: 5 seeds then gave +1.9 +- 2.9). H2 runs on both pairs
 # where the prompted teacher drifts (seed 0, 2%: Swin 98.7 -> 71.9; ConvNeXt 98.0 -> 93.7 for the ViT student).
 # The ViT student runs 600 epochs: at 300 every config still drifted by more than its seed std (evidence_300ep/).
-PAIRS=("convnext_mini vit_mini 0.1 600 fofa_channel fofa_gamma4 fofa_gamma16"
-       "swin_mini resnet_mini 0.035 200 fofa_channel fofa_gamma4 fofa_gamma16 fofa_clip5 fofa_channel_clip5 hcd_clip5"
+PAIRS=("convnext_mini vit_mini 0.1 600 fofa_channel fofa_gamma4 fofa_gamma16 fofa_channel_gamma16"
+       "swin_mini resnet_mini 0.035 200 fofa_channel fofa_gamma4 fofa_gamma16 fofa_channel_gamma16 fofa_clip5 fofa_channel_clip5 hcd_clip5"
        "convnext_mini resmlp_mini 0.1 300 fofa_channel")
 MAIN="ce kd raa fofa fitnet afp_nofeedback ofa dkd fbt hcd"
 TEACHER_EPOCHS=60
@@ -35,6 +35,7 @@ flags() {  # the train.py flags of one config
     fofa_channel) echo "$FOFA --afp-prompt channel" ;;      # H1: the official SE output replaces the feature
     fofa_gamma4) echo "$FOFA --gamma 4" ;;                   # H2: the regulariser weight (Eq. 8)
     fofa_gamma16) echo "$FOFA --gamma 16" ;;
+    fofa_channel_gamma16) echo "$FOFA --afp-prompt channel --gamma 16" ;;  # H2 on the default prompt
     fofa_clip5) echo "$FOFA --clip 5" ;;                     # H4: beta diverged under SGD without clipping (README)
     fofa_channel_clip5) echo "$FOFA --afp-prompt channel --clip 5" ;;
     hcd_clip5) echo "--method hcd --clip 5" ;;              # HCD blew up at the warm-up's end without clipping
