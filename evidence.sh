@@ -83,5 +83,7 @@ for seed in $SEEDS; do  # seed-major: every seed completes all configs before th
 done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 echo "all runs: $((SECONDS - start)) s; seconds per pair and config (all seeds):"
 awk -F'\t' '{s[$1 " " $2] += $4} END {for (k in s) print k, s[k]}' "$RESULTS/times.tsv" | sort
-python eval.py --summarize "$RESULTS"
+python eval.py --summarize "$RESULTS" --paired kd:ce raa:ce raa:fitnet afp_nofeedback:raa fofa:afp_nofeedback \
+  fofa_channel:raa fofa_channel:fofa fofa_gamma4:fofa fofa_gamma16:fofa fofa_channel_gamma16:fofa_channel \
+  fofa_clip5:fofa fofa_channel_clip5:fofa_channel  # the regime, the Table 4 ladder, the hypotheses
 python eval.py --summarize "$RESULTS" --curves evidence_curves.png
