@@ -98,13 +98,17 @@ def ms(xs):
     return f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
 
 
+def diffs(final, a, b):  # paired: per-seed final top-1 a - b, over the seeds both configs finished
+    return [final[a][s] - final[b][s] for s in final.get(a, {}) if s in final.get(b, {})]
+
+
 def summarize(root, comparisons=()):
     """One markdown table per pair: final and best top-1 (mean +- std over seeds), the drift, the paired per-seed
     difference of the final top-1 to kd, raa and fofa (same seed and data order), the prompted teacher's final top-1;
     then one table of the paired differences A - B (comparisons 'A:B') with a column per pair."""
-    runs, left = load_runs(root)
+    (runs, left), finals = load_runs(root), {}
     for pair, configs in sorted(runs.items()):
-        final = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
+        final = finals[pair] = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
         teacher = next((r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values()
                         if r[-1]['teacher_top1']), None)
         tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None}  # best: over epochs all tested
@@ -114,22 +118,17 @@ def summarize(root, comparisons=()):
               '| prompted teacher top-1 |\n|---|---|---|---|---|---|---|---|---|')
         for c, seeds in configs.items():
             seeds_note = f'{len(seeds)} ({left[pair, c]})' if (pair, c) in left else len(seeds)
-            paired = lambda ref: ms([final[c][s] - final[ref][s] for s in seeds if s in final.get(ref, {})])
+            paired = lambda ref: ms(diffs(final, c, ref))
             prompted = [r[-1]['prompted_teacher_top1'] for r in seeds.values() if r[-1].get('prompted_teacher_top1')]
             best = [max(max(e['top1'], e['top1_ema'] or 0) for e in r if e['epoch'] in tested) for r in seeds.values()]
             drifts = [d for r in seeds.values() if (d := drift(r, tested)) is not None]
             print(f'| {c} | {seeds_note} | {ms(list(final[c].values()))} | {ms(best)} | {ms(drifts)} | '
                   f'{paired("kd")} | {paired("raa")} | {paired("fofa")} | {ms(prompted)} |')
-    if comparisons:
-        pairs = sorted(runs)
-        print('\n| paired difference of the final top-1 | ' + ' | '.join(p.replace('-', ' -> ') for p in pairs) + ' |\n'
-              + '|---' * (len(pairs) + 1) + '|')
+    if comparisons:  # one column per pair
+        print('\n| paired difference of the final top-1 | ' + ' | '.join(p.replace('-', ' -> ') for p in finals) + ' |\n'
+              + '|---' * (len(finals) + 1) + '|')
     for a, b in (c.split(':') for c in comparisons):
-        cells = []
-        for p in pairs:
-            fa, fb = ({s: r[-1]['top1'] for s, r in runs[p].get(c, {}).items()} for c in (a, b))
-            d = [fa[s] - fb[s] for s in fa if s in fb]
-            cells.append(f'{ms(d)} (n = {len(d)})' if d else '-')
+        cells = (f'{ms(d)} (n = {len(d)})' if (d := diffs(f, a, b)) else '-' for f in finals.values())
         print(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
     return runs
 
