@@ -21,6 +21,8 @@ class Distiller(nn.Module):
         self.student, self.label_smoothing, self.alpha = student, label_smoothing, alpha
         self.loss = loss or (lambda s, t, *_: {'kd': kd(s, t, kd_t)})  # Eq. 1
         self.weights = {'ce': 1.0}
+        self.ramps = {}  # term -> share of the run over which its weight rises linearly from 0 (a warm-up)
+        self.progress = 1.0  # share of the run done, set by the training loop before each step
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         object.__setattr__(self, 'teacher', teacher)
@@ -38,8 +40,13 @@ class Distiller(nn.Module):
             with torch.no_grad():
                 t_logits, t_feats = self.teacher(images)
             losses.update(self.distill(images, targets, logits.float(), feats, t_logits.float(), t_feats))
-        losses['total'] = sum(self.weights.get(k, self.alpha) * v for k, v in losses.items())
+        losses['total'] = sum(self.weight(k) * v for k, v in losses.items())
         return logits, losses
+
+    def weight(self, term):
+        """The term's weight (default alpha) times min(progress / ramp, 1) if it has a warm-up ramp."""
+        ramp = self.ramps.get(term, 0.0)
+        return self.weights.get(term, self.alpha) * (min(self.progress / ramp, 1.0) if ramp else 1.0)
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         return self.loss(logits, t_logits, targets, feats, t_feats)

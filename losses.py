@@ -15,15 +15,17 @@ def afp_reg(prompted_logits, teacher_logits):
 
 
 def hcl(fs, ft):
-    """Hierarchical context loss (ReviewKD): MSE of the maps plus MSE of their 4x4, 2x2 and 1x1 average pools,
-    weighted 1/2, 1/4, 1/8 where the level is smaller than the map, divided by the sum of the weights used. Pooling is
-    linear, so the pools of fs - ft are pooled once (half the pooling, and its full-size backward buffers)."""
+    """Hierarchical context loss (ReviewKD's hcl, https://github.com/dvlab-research/ReviewKD): MSE of the maps plus
+    MSE of their 4x4, 2x2 and 1x1 average pools. Each level below the map's height is used, and each used level
+    weighs half the one before (1/2, then 1/4, 1/8); the sum is divided by the sum of the weights used.
+    Pooling is linear, so pool(fs) - pool(ft) = pool(fs - ft): the difference is pooled once."""
     d = fs - ft
-    loss, total = d.pow(2).mean(), 1.0
-    for level, w in ((4, 1 / 2), (2, 1 / 4), (1, 1 / 8)):
-        if level < min(d.shape[-2:]):
-            loss = loss + w * F.adaptive_avg_pool2d(d, level).pow(2).mean()
-            total += w
+    loss, weight, total = d.pow(2).mean(), 1.0, 1.0
+    for level in (4, 2, 1):
+        if level < d.shape[-2]:
+            weight /= 2
+            loss = loss + weight * F.adaptive_avg_pool2d(d, level).pow(2).mean()
+            total += weight
     return loss / total
 
 

@@ -22,7 +22,7 @@ import eval as evaluate_script
 import models
 import train
 from baselines import FBT, HCD
-from fofa import AFP, FOFA, RAA
+from fofa import AFP, FOFA, RAA, Distiller
 from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
 torch.set_num_threads(2)
@@ -254,16 +254,32 @@ def test_kd_and_hcl_match_hand_written_formulas():
         ps, pt = (s / T).softmax(-1), (t / T).softmax(-1)
         expected = (pt * (pt.log() - ps.log())).sum(-1).mean() * T * T
         torch.testing.assert_close(kd(s, t, T), expected)
-    g = torch.Generator().manual_seed(0)
-    fs, ft = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
-    mse = lambda a, b: ((a - b) ** 2).mean()
-    pool = lambda x, n: x.unflatten(3, (n, 8 // n)).unflatten(2, (n, 8 // n)).mean((3, 5))
-    expected = (mse(fs, ft) + 0.5 * mse(pool(fs, 4), pool(ft, 4)) + 0.25 * mse(pool(fs, 2), pool(ft, 2))
-                + 0.125 * mse(pool(fs, 1), pool(ft, 1))) / 1.875
+
+
+def _reviewkd_hcl(fs, ft):
+    """ReviewKD's hcl for one pair of maps, written from its source loop: pool both maps, halve cnt per used level."""
+    h = fs.shape[2]
+    loss, cnt, tot = F.mse_loss(fs, ft), 1.0, 1.0
+    for level in [4, 2, 1]:
+        if level >= h:
+            continue
+        cnt /= 2.0
+        loss = loss + F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level)) * cnt
+        tot += cnt
+    return loss / tot
+
+
+@pytest.mark.parametrize('size,weights', [(8, (1 / 2, 1 / 4, 1 / 8)), (7, (1 / 2, 1 / 4, 1 / 8)),
+                                          (4, (1 / 2, 1 / 4)), (2, (1 / 2,)), (1, ())])
+def test_hcl_follows_reviewkd_level_weights(size, weights):
+    g = torch.Generator().manual_seed(size)
+    fs, ft = torch.randn(2, 3, size, size, generator=g), torch.randn(2, 3, size, size, generator=g)
+    torch.testing.assert_close(hcl(fs, ft), _reviewkd_hcl(fs, ft))
+    mse = F.mse_loss(fs, ft)  # and by hand: the used levels (4, 2, 1 below the height) weigh 1/2, 1/4, 1/8 in turn
+    levels = [n for n in (4, 2, 1) if n < size]
+    pooled = [F.mse_loss(F.adaptive_avg_pool2d(fs, n), F.adaptive_avg_pool2d(ft, n)) for n in levels]
+    expected = (mse + sum(w * p for w, p in zip(weights, pooled))) / (1 + sum(weights))
     torch.testing.assert_close(hcl(fs, ft), expected)
-    small_s, small_t = fs[..., :2, :2], ft[..., :2, :2]  # 2x2 maps: only the 1x1 level is smaller than the map
-    expected = (mse(small_s, small_t) + 0.125 * mse(small_s.mean((2, 3)), small_t.mean((2, 3)))) / 1.125
-    torch.testing.assert_close(hcl(small_s, small_t), expected)
 
 
 # ---------------------------------------------------------------- FBT and HCD (baselines.py)
@@ -1096,6 +1112,32 @@ def test_dkd_parts_match_loop_and_identity(T):
     assert torch.allclose(dkd(s, t, y, alpha=1.0, beta=1.0, T=T) - kd(s, t, T), (bt * nckd).mean() * T * T, atol=1e-4)
     # the loss itself with the paper's alpha 1, beta 8
     assert abs(dkd(s, t, y, T=T).item() - T * T * (ref[:, 1] + 8 * ref[:, 2]).mean()) < 1e-3
+
+
+def test_dkd_warmup_follows_the_dkd_authors_factor(tmp_path, monkeypatch):
+    """mdistiller's DKD: loss * min(epoch / warmup, 1), epochs from 1. Ours is per step over a share of the run; with
+    one step per epoch the two are the same numbers: 1/20 at the first step, 1/2 at the tenth, 1 from the 20th."""
+    ref = lambda epoch: min(epoch / 20, 1.0)
+    d = Distiller(models.create('resnet_mini', 10), models.create('resnet_mini', 10))
+    d.ramps['dkd'] = 20 / 240
+    for epoch in (1, 10, 19, 20, 21, 240):
+        d.progress = epoch / 240  # the loop's progress after `epoch` of 240 steps
+        assert abs(d.weight('dkd') - ref(epoch)) < 1e-12
+    assert d.weight('ce') == 1.0 and d.weight('kd') == 1.0  # other terms have no ramp
+    seen = []  # the real loop: progress after each step, and the weight the DKD term got in the total
+    forward = Distiller.forward
+
+    def recording_forward(self, images, targets):
+        if 'dkd' in self.ramps:  # not the teacher's own CE run, which trains first
+            seen.append(self.weight('dkd'))
+        return forward(self, images, targets)
+    monkeypatch.setattr(Distiller, 'forward', recording_forward)
+    args = TINY + ['--teacher', 'resnet_mini', '--student', 'resnet_mini', '--method', 'dkd', '--epochs', '2',
+                   '--train-fraction', '0.1', '--dkd-warmup', '0.5', '--eval-every', '2',
+                   '--teacher-dir', str(tmp_path / 'teachers')]
+    train.main(args + ['--out', str(tmp_path / 'run')])
+    steps = len(seen) // 2  # 2 epochs, one share each: the first epoch is the warm-up
+    assert seen == pytest.approx([min((j + 1) / steps, 1.0) for j in range(2 * steps)])
 
 
 def test_dkd_extreme_logits_finite():

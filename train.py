@@ -113,6 +113,8 @@ def parser():
     a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
     a('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
     a('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
+    a('--dkd-warmup', type=ranged(float, 'in [0, 1]', lambda v: 0 <= v <= 1), default=20 / 240, help='DKD: share of the run over which its weight rises '
+      'linearly from 0, per step (the DKD authors\' 20 of 240 epochs)')
     a('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
     a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
@@ -289,7 +291,10 @@ def build(args, num_classes):
     norm, ce = data.NORM[args.dataset] or (None, None), args.method == 'ce'
     student = create(args.student, num_classes, norm, args.pretrained and ce or None)
     teacher = None if ce else create(args.teacher, num_classes, norm, args.teacher_ckpt)  # bench.py: random teachers
-    return METHODS[args.method](args, student, teacher, num_classes)
+    model = METHODS[args.method](args, student, teacher, num_classes)
+    if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
+        model.ramps['dkd'] = args.dkd_warmup
+    return model
 
 
 def save(obj, path):
@@ -412,6 +417,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sched.step_update(epoch * steps + i)  # a function of the step: --resume --epochs N stretches it
+            model.progress = (epoch * steps + i + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
             with ctx:
                 _, terms = net(x, y)
             bad = (~torch.isfinite(terms['total'])).float()
