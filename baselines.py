@@ -81,19 +81,22 @@ class FBT(Distiller):
 
 
 class HCD(Distiller):
-    """HCD (Xu et al., AAAI'26) as notes section 2 reconstructs it: per student stage, a projector (OFA's head less its
-    Linear) and a Linear-ReLU-Linear mapper from [stage feature; teacher's pooled last stage] to n sub-logits, each
-    plus the teacher's logits. L = CE + KD + over stages and sub-logits: CE + w_kl * KL(sub || student) + orthog."""
+    """HCD (Xu et al., AAAI'26), NOTES.md "HCD": per student stage, a projector (OFA's head less its Linear) and a
+    Linear-ReLU-Linear mapper from [stage feature; teacher's pooled last stage] to n sub-logits, each plus the
+    teacher's logits. L = CE + KD + sum over stages of the sub-logits' CE and orthogonality, + w_kl * the mean over
+    stages of KL(sub || student), the sub-logits detached there and that weight warmed up over a share of the run."""
 
-    def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, theta=0.5, kd_t=1.0, **kw):
+    def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, warmup=20 / 240, theta=0.5,
+                 kd_t=1.0, **kw):
         super().__init__(student, teacher, kd_t=kd_t, **kw)
         (_, s_out), c_t = student.shapes(img_size), teacher.shapes(img_size)[1][3][0]
         width = max(s_out[3][0], c_t)
         self.proj = nn.ModuleList(OFA.head(s, s_out[3][1], width, 1)[:-1] for s in s_out)
-        self.cfm = nn.ModuleList(nn.Sequential(nn.Linear(width + c_t, c_t), nn.ReLU(), nn.Linear(c_t, n * num_classes))
-                                 for _ in s_out)
+        self.cfm = nn.ModuleList(nn.Sequential(nn.Linear(width + c_t, c_t), nn.ReLU(),
+                                               nn.Linear(c_t, n * num_classes)) for _ in s_out)
         self.n, self.theta, self.kd_t = n, theta, kd_t
         self.weights.update(sub_ce=1.0, sub_kl=w_kl, orth=1.0)
+        self.ramps['sub_kl'] = warmup
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # the plain KD term
@@ -102,7 +105,9 @@ class HCD(Distiller):
              for proj, cfm, f in zip(self.proj, self.cfm, feats)]  # (B, n, K) per stage, fused with the teacher's
         y = targets.unsqueeze(-1).expand(*targets.shape, self.n)  # each sub-logit gets the sample's target
         losses['sub_ce'] = sum(F.cross_entropy(s.transpose(1, 2), y) for s in z)
-        losses['sub_kl'] = sum(kd(logits[:, None].expand_as(s).flatten(0, 1), s.flatten(0, 1), self.kd_t) for s in z)
+        # the sub-logits are the student's targets here: detached, or the KL drags them to the student (RESULTS.md)
+        student = logits[:, None].expand_as(z[0]).flatten(0, 1)
+        losses['sub_kl'] = sum(kd(student, s.detach().flatten(0, 1), self.kd_t) for s in z) / len(z)
         hard = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: its main class
         losses['orth'] = sum(orthogonality(s, hard, self.theta) for s in z)
         return losses

@@ -355,6 +355,35 @@ def test_fbt_hcd_step_trains_every_new_module_not_the_teacher(method, teacher, s
         assert d.eval().extra_evals()['fused'](x)[0].shape == (4, 10)
 
 
+def test_hcd_sub_logit_kl_teaches_the_student_only_mean_over_stages_and_warms_up():
+    """The term at fault in the miniature: KL(sub-logits || student), weight 6. Summed over 4 stages and not detached,
+    it dragged the sub-logits to the untrained student and blew the student up at the warm-up's end. Now: the mean
+    over stages, by a loop, of the batch-mean KL over each sample's n sub-logits; no gradient to the mapper or
+    projector through it; its weight rises linearly over the first 20/240 of the run."""
+    d = small_baseline('hcd', 'swin_mini', 'resnet_mini')
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    logits, feats = d.student(x)
+    with torch.no_grad():
+        t_logits, t_feats = d.teacher(x)
+    losses = d.distill(x, y, logits.float(), feats, t_logits.float(), t_feats)
+    f_t = t_feats[3].mean((2, 3))
+    per_stage = []
+    for proj, cfm, f in zip(d.proj, d.cfm, feats):
+        z = cfm(torch.cat([proj(f), f_t], 1)).view(4, d.n, 10) + t_logits[:, None]
+        kls = [(z[b, j].softmax(-1) * (z[b, j].log_softmax(-1) - logits[b].log_softmax(-1))).sum()
+               for b in range(4) for j in range(d.n)]
+        per_stage.append(sum(kls) / len(kls))
+    torch.testing.assert_close(losses['sub_kl'], sum(per_stage) / 4)
+    grads = torch.autograd.grad(losses['sub_kl'], [logits, *d.cfm.parameters(), *d.proj.parameters()],
+                                allow_unused=True)
+    assert grads[0].abs().sum() > 0  # the student's logits learn from the sub-logits
+    assert all(g is None for g in grads[1:])  # the mapper and projector learn from their CE and orthogonality only
+    for progress, factor in ((1 / 240, 1 / 20), (10 / 240, 0.5), (20 / 240, 1.0), (1.0, 1.0)):
+        d.progress = progress
+        assert abs(d.weight('sub_kl') - 6 * factor) < 1e-12
+    assert d.weight('sub_ce') == 1.0 and d.weight('orth') == 1.0
+
+
 @pytest.mark.parametrize('method', ['fbt', 'hcd'])
 def test_fbt_hcd_bf16_autocast_step_and_checkpoint_round_trip(method):
     d = small_baseline(method, 'convnext_mini', 'vit_mini')

@@ -61,7 +61,7 @@ METHODS = {
     'rkd': pure(lambda a, s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))}),
     'cc': pure(lambda a, s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}),
     'fbt': lambda a, s, t, n: FBT(s, t, a.img_size, a.ofa_eps, **common(a)),
-    'hcd': lambda a, s, t, n: HCD(s, t, a.img_size, n, a.hcd_n, a.hcd_kl, **common(a)),
+    'hcd': lambda a, s, t, n: HCD(s, t, a.img_size, n, a.hcd_n, a.hcd_kl, a.hcd_warmup, **common(a)),
     'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
 }
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
@@ -119,7 +119,9 @@ def parser():
     a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
     a('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
-    a('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL')
+    a('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (mean over the stages)')
+    a('--hcd-warmup', type=ranged(float, 'in [0, 1]', lambda v: 0 <= v <= 1), default=20 / 240,
+      help='HCD: share of the run over which the sub-logit KL weight rises linearly from 0, per step')
     a('--epochs', type=COUNT, default=30)
     a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
     a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
