@@ -27,7 +27,7 @@ def accuracy(args):
     train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
     nc, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset] or (None, None)
     try:
-        net = train.create(args.model, nc, norm, args.ckpt)  # a file, PATH:ema, or 'timm' (ImageNet weights)
+        net = models.create(args.model, nc, args.ckpt, *norm)  # a file, PATH:ema, or 'timm' (ImageNet weights)
     except ValueError as e:
         raise SystemExit(str(e))
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -45,10 +45,10 @@ COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [2
 def draw_attention(args):
     """RAA's attention over a validation batch, averaged over images and heads: row = query, column = key, both in
     (stage, patch) order, stage boundaries in white. Needs the last.pt of a FOFA run (it holds RAA's weights)."""
-    ck = train.read_checkpoint(args.ckpt, '--ckpt')
+    ck = models.read_checkpoint(args.ckpt, '--ckpt')
     run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
     vars(run).update(ck.get('args', {}))
-    if getattr(run, 'method', None) != 'fofa' or getattr(run, 'no_raa', True) or 'model' not in ck:
+    if getattr(run, 'method', None) != 'fofa' or getattr(run, 'no_raa', False) or 'model' not in ck:
         raise SystemExit(f'{args.ckpt} is not the last.pt of a FOFA run with RAA: --attn needs its RAA weights.')
     run.teacher_ckpt = None  # RAA only sees the student; the teacher's architecture fixes the aligners' shapes
     model = train.build(run, data.num_classes(run.dataset, run.data_dir)).eval()
