@@ -86,9 +86,9 @@ POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
 NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
 SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
 STAGES = checked(str, 'a comma list of stages 1-4 (e.g. 1,2,3,4)',
-                 lambda t: stages(t) and {*stages(t)} <= {1, 2, 3, 4})
+                 lambda t: len(stages(t)) > 0 and set(stages(t)) <= {1, 2, 3, 4})
 STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
-                         lambda t: {*stages(t)} <= {1, 2, 3, 4})
+                         lambda t: set(stages(t)) <= {1, 2, 3, 4})
 OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
                     lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
 
@@ -116,9 +116,9 @@ def parser():
     g('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
     g = p.add_argument_group('FOFA').add_argument
     g('--nq', type=checked(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)',
-                           lambda v: v == 4 * math.isqrt(v // 4) ** 2 > 0),
+                           lambda v: v > 0 and v == 4 * math.isqrt(v // 4) ** 2),
       default=64, help='RAA queries over the 4 stages, 4*k*k')
-    g('--dim', type=checked(int, 'a positive multiple of 8', lambda v: v % 8 == 0 < v),
+    g('--dim', type=checked(int, 'a positive multiple of 8', lambda v: v > 0 and v % 8 == 0),
       default=512, help='RAA width d')
     g('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     g('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
