@@ -438,17 +438,17 @@ def train(args, rank=0, world=1, device='cpu'):
     (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, rank, world, device)
     start, best = start_run(args, model, opt, ema, rank, device)
     student, teacher, steps = model.student, model.teacher, len(train_loader)
-    for net in (student, teacher) if args.compile else ():  # the distillers' modules stay eager
-        if net is not None:
-            net.compile()
+    for module in (student, teacher) if args.compile else ():  # the distillers' own stay eager
+        if module is not None:
+            module.compile()
     # only the trainable module is in DDP (the teacher is not a submodule); feedback stays per rank
     ids = [torch.device(device)] if device != 'cpu' else None
     net = DDP(model, device_ids=ids, broadcast_buffers=False) if world > 1 else model
     ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if args.amp else nullcontext()
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
+    teacher_note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''
     if rank == 0:
         trainable = sum(p.numel() for p in model.parameters()) / 1e6
-        teacher_note = f'; teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''
         print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at '
               f'{args.img_size}px, {world} process(es) x batch {args.batch_size} = global batch '
               f'{world * args.batch_size}, {steps} steps/epoch, {trainable:.2f}M trainable '
@@ -518,8 +518,7 @@ def train(args, rank=0, world=1, device='cpu'):
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
               f"{best['which']} student; the best over epochs of max(raw, EMA), the official "
-              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student)"
-              + (f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''))
+              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){teacher_note}")
     return best
 
 
