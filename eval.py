@@ -26,7 +26,7 @@ def accuracy(args):
     train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
     nc, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset] or (None, None)
     try:
-        net = train.create(args.model, nc, norm, args.ckpt)  # a file, PATH:ema, or 'timm' (ImageNet weights)
+        net = models.create(args.model, nc, args.ckpt, *norm)  # a file, PATH:ema, or 'timm' (ImageNet weights)
     except ValueError as e:
         raise SystemExit(str(e))
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -40,7 +40,7 @@ def accuracy(args):
 
 def draw_attention(args):
     """RAA's attention (Eq. 4) of a FOFA run's last.pt, mean over a validation batch and heads."""
-    ck = train.read_checkpoint(args.ckpt, '--ckpt')
+    ck = models.read_checkpoint(args.ckpt, '--ckpt')
     run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
     vars(run).update(ck.get('args', {}))
     if run.method != 'fofa' or getattr(run, 'no_raa', False) or 'model' not in ck:  # no_raa: old

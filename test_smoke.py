@@ -22,12 +22,12 @@ import eval as evaluate_script
 import models
 import train
 from baselines import FBT, HCD
-from fofa import AFP, FOFA, RAA, Distiller
+from fofa import AFP, FOFA, RAA, Distiller, conv_chain_mean
 from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
 torch.set_num_threads(2)
 
-# notes/official_code.md section 2: stage outputs (C, H, W) at 224
+# the official code's stage outputs (C, H, W) at 224 (NOTES.md, Stage taps)
 PAPER_SHAPES = {
     'resnet18': [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)],
     'resnet50': [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)],
@@ -116,11 +116,9 @@ def test_bf16_autocast_step_on_cpu():
     assert all(afp.feedback.dtype == torch.float32 for afp in d.afp.values())
 
 
-@pytest.mark.parametrize('teacher,prompt', [('convnext_mini', 'spatial'), ('vit_mini', 'spatial'),
-                                            ('swin_mini', 'spatial'), ('mixer_mini', 'spatial'),
-                                            ('convnext_mini', 'channel'), ('swin_mini', 'channel')])
-def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
-    d = small_fofa(teacher, 'resnet_mini', prompt=prompt)
+@pytest.mark.parametrize('teacher', ['convnext_mini', 'vit_mini', 'swin_mini', 'mixer_mini'])
+def test_prompted_teacher_equals_teacher_at_beta_zero(teacher):
+    d = small_fofa(teacher, 'resnet_mini')
     x = torch.rand(3, 3, 32, 32)
     for i, afp in d.afp.items():  # non-trivial feedback, so the whole prompt branch runs on real numbers
         afp.feedback = torch.randn(3, *afp.out_shape)
@@ -134,15 +132,14 @@ def test_prompted_teacher_equals_teacher_at_beta_zero(teacher, prompt):
         assert not torch.allclose(feats[-1], d.teacher(x, prompts)[1][-1])  # (timm's Mixer head starts at zero)
 
 
-@pytest.mark.parametrize('prompt,fusion,feedback', [('spatial', 'dw', True), ('channel', 'dw', True),
-                                                     ('channel', 'full', True), ('channel', 'dw', False)])
+@pytest.mark.parametrize('fusion,feedback', [('dw', True), ('full', True), ('dw', False)])
 @pytest.mark.parametrize('in_shape,out_shape,nhwc', [((16, 8, 8), (32, 4, 4), False), ((8, 6, 6), (8, 6, 6), True),
                                                      ((8, 2, 2), (16, 1, 1), False), ((4, 1, 7), (4, 1, 7), True)])
-def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, prompt, fusion, feedback):
-    # AFP runs the spatial branches channels_last and the official SE's branches from per-tap sums (speed); the plain
-    # layer chain on contiguous maps gives the same values and gradients
+def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, fusion, feedback):
+    # AFP runs the official SE's branches from per-tap sums (speed); the plain layer chain on contiguous maps gives the
+    # same values and gradients, and the output keeps the input's memory format
     torch.manual_seed(0)
-    afp = AFP(in_shape, out_shape, feedback, fusion, prompt)
+    afp = AFP(in_shape, out_shape, feedback, fusion)
     if feedback:
         afp.feedback = torch.randn(3, *out_shape)
     with torch.no_grad():
@@ -168,22 +165,33 @@ def test_afp_fast_paths_match_the_plain_layers(in_shape, out_shape, nhwc, prompt
 
 
 def test_afp_keeps_for_backward_only_what_it_needs():
-    # the spatial prompt is recomputed in backward, so it keeps its inputs only; the channel prompt is not, and keeps
-    # no map of its input's size either (its convolutions run on tap sums), so checkpointing it could only add
-    for prompt in ('spatial', 'channel'):
-        afp, x = AFP((8, 24, 24), (16, 12, 12), prompt=prompt), torch.rand(2, 8, 24, 24, requires_grad=True)
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            afp(x)
-        if prompt == 'spatial':
-            assert [t.shape for t in saved] == [x.shape, (2, 16, 12, 12)]  # the input and the (zero) feedback
-        else:
-            assert len(saved) > 2 and max(t.numel() for t in saved) < x.numel()
+    # the prompt keeps no map of its input's size for backward (its convolutions run on tap sums), so checkpointing
+    # it could only add
+    afp, x = AFP((8, 24, 24), (16, 12, 12)), torch.rand(2, 8, 24, 24, requires_grad=True)
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        afp(x)
+    assert len(saved) > 2 and max(t.numel() for t in saved) < x.numel()
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+@pytest.mark.parametrize('parts,size', [(1, (6, 6)), (2, (5, 9)), (2, (1, 3)), (1, (2, 2))])
+def test_conv_chain_mean_is_the_mean_of_the_plain_convs(parts, size, groups):
+    # its docstring: c(b(a(torch.cat(parts, 1)))).mean((2, 3), keepdim=True), here with a 5x5 b on maps smaller than 5
+    torch.manual_seed(0)
+    a, b, c = nn.Conv2d(8 * parts, 8, 1), nn.Conv2d(8, 8, 5, padding=2, groups=groups), nn.Conv2d(8, 8, 1)
+    xs = [torch.randn(3, 8, *size) for _ in range(parts)]
+    torch.testing.assert_close(conv_chain_mean((a, b, c), *xs),
+                               c(b(a(torch.cat(xs, 1)))).mean((2, 3), keepdim=True), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
 def test_official_squeeze_excitation_is_a_channel_bias(teacher):
-    d = small_fofa(teacher, 'vit_mini', prompt='channel')
+    d = small_fofa(teacher, 'vit_mini')
     afp = d.afp['1']
     afp.feedback, x = torch.randn(2, *afp.out_shape), torch.randn(2, *afp.in_shape)
     with torch.no_grad():
@@ -662,8 +670,8 @@ def user_error_cases(tmp_path):
         (ok + ['--out', str(tmp_path / 'finished')], 'already holds a run'),
         (['--student', 'vit_mini', '--method', 'fofa'], 'needs a --teacher'),
         (ok + ['--dataset', 'mnist'], "--dataset: invalid choice: 'mnist'"),
-        (ok + ['--method', 'magic'], 'unknown --method'),
-        (ok + ['--opt', 'adamx2'], 'unknown --opt'),
+        (ok + ['--method', 'magic'], "--method: invalid choice: 'magic'"),
+        (ok + ['--opt', 'adamx2'], "--opt: 'adamx2' is not a timm optimizer"),
         (ok + ['--no-such-flag'], 'unrecognized arguments'),
         # 1. input size against the models: probed before anything is written, naming the model and its size
         (ok + ['--img-size', '30'], 'does not fit the teacher convnext_mini'),
@@ -783,6 +791,24 @@ def test_resume_with_more_epochs_follows_the_longer_schedule(tmp_path):
     train.main(args + ['--out', str(tmp_path / 'extended'), '--resume'])
     lrs = [[json.loads(line)['lr'] for line in open(tmp_path / d / 'log.jsonl')] for d in ('fresh', 'extended')]
     assert lrs[1][1] == lrs[0][1] != lrs[1][0]  # epoch 2 on the 2-epoch cosine, not the 1-epoch run's end
+
+
+def test_runs_from_before_the_flags_were_removed_resume_unless_their_model_is_gone(tmp_path):
+    """Older runs hold afp_prompt and no_raa in their args: with the channel prompt (the one left) and RAA they
+    resume; a run with the spatial prompt or without RAA is refused in one sentence."""
+    run = tmp_path / 'run'
+    args = TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt',
+                   random_teacher(tmp_path / 't.pt'), '--train-fraction', '0.1', '--eval-every', '9', '--out', str(run)]
+    train.main(args + ['--epochs', '1'])
+    ck = torch.load(run / 'last.pt', weights_only=True)
+    for old, refused in ((dict(afp_prompt='spatial', no_raa=False), '--afp-prompt spatial'),
+                         (dict(afp_prompt=None, no_raa=True), '--no-raa')):
+        train.save({**ck, 'args': {**ck['args'], **old}}, str(run / 'last.pt'))
+        with pytest.raises(SystemExit, match=refused):
+            train.check_args(train.get_args(args + ['--epochs', '2', '--resume']))
+    train.save({**ck, 'args': {**ck['args'], 'afp_prompt': 'channel', 'no_raa': False}}, str(run / 'last.pt'))
+    train.main(args + ['--epochs', '2', '--resume'])
+    assert [json.loads(line)['epoch'] for line in open(run / 'log.jsonl')] == [1, 2]
 
 
 def test_user_error_exits_nonzero_without_traceback(tmp_path):
@@ -1321,8 +1347,8 @@ def timm065_arch(monkeypatch, family):
 
 
 def teacher_logits(name, weights, classes=10):
-    """Logits of a teacher loaded the way train.build loads --teacher-ckpt."""
-    net = train.create(name, classes, weights=weights).net.eval()
+    """Logits of a teacher loaded the way train.build loads --teacher-ckpt (models.create)."""
+    net = models.create(name, classes, weights=weights).net.eval()
     with torch.no_grad():
         return net(TIMM065['input'])
 
@@ -1369,7 +1395,7 @@ def test_checkpoint_saver_args_are_allowed_but_nothing_else(tmp_path, monkeypatc
     sd = torch.load(os.path.join(FIXTURES, 'convnext.pth'), weights_only=True)
     torch.save({'state_dict': sd, 'args': argparse.Namespace(model=CodePayload(tmp_path / 'ran'))}, tmp_path / 'p.tar')
     with pytest.raises(SystemExit, match='pickled code') as e:
-        train.create(name, 10, weights=str(tmp_path / 'p.tar'))
+        models.create(name, 10, weights=str(tmp_path / 'p.tar'))
     assert not (tmp_path / 'ran').exists() and str(e.value.code).endswith('.')
     assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed while loading only
 
@@ -1385,11 +1411,11 @@ def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch)
     torch.save(weights, tmp_path / 'in1k.pth')
     monkeypatch.setitem(models.MODELS, 'tiny_in1k', ('resnet18', dict(arch, pretrained_cfg_overlay=dict(
         file=str(tmp_path / 'in1k.pth')))))
-    loaded = train.create('tiny_in1k', 1000, weights='timm').net.state_dict()
+    loaded = models.create('tiny_in1k', 1000, weights='timm').net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
     import safetensors.torch  # the hub's own file (model.safetensors) given as --teacher-ckpt works as well
     safetensors.torch.save_file(weights, tmp_path / 'model.safetensors')
-    loaded = train.create('tiny_in1k', 1000, weights=str(tmp_path / 'model.safetensors')).net.state_dict()
+    loaded = models.create('tiny_in1k', 1000, weights=str(tmp_path / 'model.safetensors')).net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
     args = train.get_args(['--teacher', 'tiny_in1k', '--student', 'vit_mini', '--teacher-ckpt', 'timm', '--out',
                            str(tmp_path / 'run')])
@@ -1401,7 +1427,7 @@ def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch)
     monkeypatch.setitem(models.MODELS, 'tiny_other', ('resnet18', dict(arch, channels=(8, 8, 8, 16),
                         pretrained_cfg_overlay=dict(file=str(tmp_path / 'in1k.pth')))))
     with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # weights of another shape
-        train.create('tiny_other', 1000, weights='timm')
+        models.create('tiny_other', 1000, weights='timm')
     with pytest.raises(ValueError, match='mixer_mini has no timm pretrained weights'):  # was silently random
         train.build(train.get_args(['--student', 'mixer_mini', '--method', 'ce', '--pretrained']), 10)
 
