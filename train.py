@@ -121,6 +121,7 @@ def parser():
     a('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
     a('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL')
     a('--epochs', type=COUNT, default=30)
+    a('--max-steps', type=COUNT, help='stop each epoch after this many optimizer steps (dry runs: paper.sh --dry-run)')
     a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
     a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
     a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
@@ -139,7 +140,8 @@ def parser():
     a('--out', default='runs/last', help='run directory')
     a('--resume', action='store_true', help='continue the run in --out from its last.pt')
     a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
-    a('--teacher-ckpt', help="teacher weights: a timm state_dict or checkpoint (PATH:ema: its EMA), or 'timm'")
+    a('--teacher-ckpt', help="teacher weights: a timm state_dict or checkpoint (PATH:ema: its EMA), 'timm', or "
+      "'random' (untrained: dry runs)")
     a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
     a('--teacher-epochs', type=COUNT, help='epochs when the teacher is trained here (default: --epochs)')
     a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
@@ -171,7 +173,8 @@ def check_args(args):
     if args.resume:
         same_run(args, check_path('--resume: the checkpoint', last, 'file'))
     ckpt = args.teacher_ckpt  # PATH, PATH:ema or 'timm' (README, Teacher checkpoints)
-    check_path('--teacher-ckpt', None if ckpt in (None, 'timm') else ckpt.removesuffix(':ema'), 'checkpoint file')
+    check_path('--teacher-ckpt', None if ckpt in (None, 'timm', 'random') else ckpt.removesuffix(':ema'),
+               'checkpoint file')
     check_path('--teacher-dir', None if args.teacher_ckpt or args.method == 'ce' else args.teacher_dir, 'directory', 1)
     check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
 
@@ -290,7 +293,8 @@ def build(args, num_classes):
     """The trainable module for --method (METHODS), holding the frozen teacher."""
     norm, ce = data.NORM[args.dataset] or (None, None), args.method == 'ce'
     student = create(args.student, num_classes, norm, args.pretrained and ce or None)
-    teacher = None if ce else create(args.teacher, num_classes, norm, args.teacher_ckpt)  # bench.py: random teachers
+    weights = None if args.teacher_ckpt == 'random' else args.teacher_ckpt  # None: random (dry runs, bench.py)
+    teacher = None if ce else create(args.teacher, num_classes, norm, weights)
     model = METHODS[args.method](args, student, teacher, num_classes)
     if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
         model.ramps['dkd'] = args.dkd_warmup
@@ -449,6 +453,8 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                     print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
                           f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
                           f'{hms(left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps))}', flush=True)
+            if i + 1 == args.max_steps:  # a dry run: the epoch ends here (its log still divides by all its steps)
+                break
         train_time = time.time() - t0
         top1 = top5 = ema_top1 = None
         extra = {}
