@@ -12,7 +12,8 @@
 #   bash paper.sh 6         # Table 6, same pair: N_q 36, 64, 100, 144
 #   bash paper.sh 1 --list  # every cell's command, global batch and state; runs nothing
 #   bash paper.sh 1 --dry-run [DIR]  # every cell built at its real input size, 2 steps of batch 2
-#                           #   on CPU: fake CIFAR-100 and ImageFolder (in DIR), random teachers
+#                           #   on CPU: fake CIFAR-100 and ImageFolder (in DIR), random teachers;
+#                           #   PARALLEL processes share the cores
 #
 # Finished runs (log.jsonl up to --epochs) are skipped, interrupted ones resume from their last.pt;
 # a cell of two tables (FOFA, FitNet on ConvNeXt-T -> DeiT-T) is one run. Runs write a train.log.
@@ -162,13 +163,25 @@ for config in ${CONFIGS:-}; do
 done
 (( ${#C_PAIR[@]} )) || die "no cell of Table $TABLE matches ONLY='${ONLY:-}'."
 
-if [[ $MODE == --dry-run ]]; then  # a line per cell to paper_dry_run.py: its label, its arguments
-  for i in "${!C_PAIR[@]}"; do
-    label="${C_DATASET[i]} ${C_PAIR[i]}/${C_CONFIG[i]} (global batch ${C_BATCH[i]})"
-    echo "$(quote "$label")${C_ARGS[i]}--epochs 1 --max-steps 2 --batch-size 2 --workers 0" \
-         "--seed 0 --out $(quote "$DRY/run")--overwrite"
-  done | "$PYTHON" paper_dry_run.py "$DRY"
-  exit
+if [[ $MODE == --dry-run ]]; then  # PARALLEL processes of paper_dry_run.py, a cell a line
+  "$PYTHON" paper_dry_run.py "$DRY" < /dev/null > /dev/null  # the fake data, before they share it
+  threads=$(( $(nproc) / PARALLEL > 0 ? $(nproc) / PARALLEL : 1 ))
+  pids=()
+  for (( k = 0; k < PARALLEL; k++ )); do
+    for (( i = k; i < ${#C_PAIR[@]}; i += PARALLEL )); do
+      label="${C_DATASET[i]} ${C_PAIR[i]}/${C_CONFIG[i]} (global batch ${C_BATCH[i]})"
+      echo "$(quote "$label")${C_ARGS[i]}--epochs 1 --max-steps 2 --batch-size 2 --workers 0" \
+           "--seed 0 --out $(quote "$DRY/run$k")--overwrite"
+    done | OMP_NUM_THREADS=$threads "$PYTHON" paper_dry_run.py "$DRY" &
+    pids+=($!)
+  done
+  failed=0
+  for pid in "${pids[@]}"; do
+    wait "$pid" || failed=1
+  done
+  (( failed == 0 )) || die "the dry run of Table $TABLE failed: see the lines above."
+  echo "# Table $TABLE: all ${#C_PAIR[@]} cells built and stepped"
+  exit 0
 fi
 
 last_epoch() {  # the last epoch in a run's log.jsonl, or 0

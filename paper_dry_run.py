@@ -5,7 +5,7 @@
 DIR gets a fake CIFAR-100 (cifar-100-python: 4 training images of noise, 1 test image) and a
 fake ImageFolder (imagenet/: 2 classes of 2 training images and 1 validation image) where it has
 none: two steps of batch 2, and tests as small as they get (a cell tests its teacher, its student,
-the EMA student and more). All cells run in this one process, so torch and timm load once.
+the EMA student and more). The cells run in this one process: torch and timm load once.
 Prints one line per cell: ok and its loss, or why it failed.
 """
 import contextlib
@@ -72,31 +72,32 @@ def accept_cifar_files(root):
 def run_cell(label, argv, root):
     """train.main(argv), its output held back; prints one line from the run's last log record, or
     train.py's one-sentence error. Any other exception is a bug: its traceback goes through."""
-    print(f'{label}: ', end='', flush=True)
-    start, printed = time.time(), io.StringIO()
+    start, printed, line = time.time(), io.StringIO(), f'{label}: FAIL, traceback below'
     try:
         out = train.get_args(argv).out
         with contextlib.redirect_stdout(printed):
             train.main(argv)
+        with open(os.path.join(out, 'log.jsonl')) as f:
+            rec = json.loads(f.readlines()[-1])
+        with open(os.path.join(out, 'args.json')) as f:
+            img_size = json.load(f)['img_size']
+        if os.path.abspath(out).startswith(os.path.abspath(root) + os.sep):
+            shutil.rmtree(out)  # its checkpoints (0.4 GB with a Mixer-B teacher): of no more use
+        ok = rec['skipped_steps'] == 0 and math.isfinite(rec['total'])
+        line = (f"{label}: {'ok' if ok else 'FAIL: a non-finite loss'}, {img_size} px, "
+                f"loss {rec['total']:.4g}, {time.time() - start:.1f} s")
+        return ok
     except SystemExit as e:
-        print(f'FAIL: {e}')
+        line = f'{label}: FAIL: {e}'
         return False
-    with open(os.path.join(out, 'log.jsonl')) as f:
-        rec = json.loads(f.readlines()[-1])
-    with open(os.path.join(out, 'args.json')) as f:
-        img_size = json.load(f)['img_size']
-    if os.path.abspath(out).startswith(os.path.abspath(root) + os.sep):
-        shutil.rmtree(out)  # its checkpoints (0.4 GB with a Mixer-B teacher) are of no further use
-    ok = rec['skipped_steps'] == 0 and math.isfinite(rec['total'])
-    print(f"{'ok' if ok else 'FAIL: a non-finite loss'}, {img_size} px, loss {rec['total']:.4g}, "
-          f'{time.time() - start:.1f} s', flush=True)
-    return ok
+    finally:  # one whole line per cell: processes running side by side print between them
+        print(line, flush=True)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit('usage: python paper_dry_run.py DIR < cells (paper.sh --dry-run writes them).')
+        raise SystemExit('usage: python paper_dry_run.py DIR < cells (paper.sh --dry-run writes).')
     root = argv[0]
     if not os.path.isdir(os.path.join(root, 'cifar-100-python')):
         fake_cifar(root)
