@@ -34,6 +34,7 @@
 # - timm's ImageNet teachers (Table 2), into timm's Hugging Face cache: python -c "import timm;
 #   [timm.create_model(n, pretrained=True) for n in ('convnext_tiny.fb_in1k',
 #   'swin_tiny_patch4_window7_224.ms_in1k', 'mixer_b16_224.goog_in21k_ft_in1k')]"
+#   (runs then read the cache with HF_HUB_OFFLINE=1, set here unless you set it).
 #
 # Recipes (the official configs): CIFAR-100 300 epochs, global batch 128 (the official scripts:
 # 1 GPU x 128), EMA 0.9998; train.py's cnn recipe (SGD 0.05) for ResNet18 and MobileNetV2, its vit
@@ -53,6 +54,7 @@ MODE=${2:---run}
 SEEDS=${SEEDS:-0 1 2} GPUS=${GPUS:-1} PARALLEL=${PARALLEL:-1} RUNS=${RUNS:-runs/paper}
 DATA=${DATA:-data} IMAGENET=${IMAGENET:-data/imagenet} TEACHERS=${TEACHERS:-teachers}
 WORKERS=${WORKERS:-8} PYTHON=${PYTHON:-python}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # timm's ImageNet teachers: from its cache (see above)
 for v in GPUS PARALLEL; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v=${!v} is not a positive integer."
 done
