@@ -2,6 +2,7 @@
 in [0, 1], NOT normalised: each model normalises its own input (teacher and student may use different stats)."""
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -112,6 +113,28 @@ class Digits(torch.utils.data.Dataset):
         return x, self.y[i]
 
 
+def default_workers():
+    """Loader processes per training process: the cores this process may use, shared by the local
+    processes torchrun started (LOCAL_WORLD_SIZE), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+
+
+class TimedLoader(DataLoader):
+    """A DataLoader whose `wait` is the seconds its last epoch spent in next(loader); train.py logs
+    its share of the loop as data_wait: large when the pipeline, not the step, limits training (on
+    CUDA the host's view: the GPU may still be busy with queued steps while the host waits)."""
+    wait = 0.0
+
+    def __iter__(self):
+        t0, self.wait = time.perf_counter(), 0.0
+        for batch in super().__iter__():
+            self.wait += time.perf_counter() - t0
+            yield batch
+            t0 = time.perf_counter()  # the step runs outside next()
+        self.wait += time.perf_counter() - t0
+
+
 def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4, distributed=False, rank=0,
                   world_size=1, seed=0, train_fraction=1.0, pin_memory=False):
     """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to each batch."""
@@ -131,7 +154,8 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards, no padding
     # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
     kw = dict(num_workers=workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True, generator=generator, **kw)
+    train_loader = TimedLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
+                               generator=generator, **kw)
     val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, **kw)  # no grad: 4x the batch
     if len(train_loader) == 0:
         raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than --batch-size {batch_size}: "

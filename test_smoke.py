@@ -421,6 +421,7 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     assert 'training convnext_mini' not in capsys.readouterr().out
     logs = [json.loads(line) for line in open(tmp_path / 'kd' / 'log.jsonl')]
     assert logs[0]['top1'] is None and logs[1]['top1'] is not None and 'kd' in logs[0]
+    assert all(0 <= log['data_wait'] < 1 for log in logs)  # the share of each epoch's loop spent in next(loader)
     assert torch.load(tmp_path / 'kd' / 'best.pt', weights_only=True)['epoch'] == 2
 
 
@@ -895,6 +896,36 @@ def test_cifar100_epoch_determinism(fake_cifar, no_download, workers):
     a, b, c = first(2), first(2), first(5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_timed_loader_counts_the_time_in_next_not_the_steps(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(data.time, 'perf_counter', lambda: clock[0])
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            clock[0] += 1  # a second to load an image
+            return torch.zeros(1)
+    loader = data.TimedLoader(Slow(), batch_size=1)
+    for epoch in range(2):
+        for batch in loader:
+            clock[0] += 10  # a step: 10 seconds outside next(loader)
+        assert loader.wait == 3  # this epoch's, not the run's
+
+
+@pytest.mark.parametrize('cores, local, workers', [(8, None, 8), (8, '2', 4), (2, '4', 1)])
+def test_default_workers_share_the_usable_cores_among_local_processes(monkeypatch, cores, local, workers):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    if local:
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    else:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert data.default_workers() == workers
+    assert train.get_args(['--student', 'vit_mini']).workers == workers
+    assert train.get_args(['--student', 'vit_mini', '--workers', '0']).workers == 0  # the flag wins
 
 
 def test_cifar100_missing(tmp_path, no_download):

@@ -134,7 +134,8 @@ def parser():
     a('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     a('--compile', action='store_true', help='torch.compile the student and the teacher')
     a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    a('--workers', type=NATURAL, default=4)
+    a('--workers', type=NATURAL, default=data.default_workers(),
+      help='loader processes, 0: none; by default the usable cores / LOCAL_WORLD_SIZE')
     a('--seed', type=ranged(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0)
     a('--out', default='runs/last', help='run directory')
     a('--resume', action='store_true', help='continue the run in --out from its last.pt')
@@ -462,6 +463,7 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
                    'skipped_steps': skipped, 'top1': top1, 'top5': top5, 'top1_ema': ema_top1,
                    'teacher_top1': teacher_top1, **extra, 'lr': opt.param_groups[0]['lr'],
                    'img_per_s': round(steps * args.batch_size * world / train_time, 1),
+                   'data_wait': round(train_loader.wait / train_time, 4),
                    'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
                                          __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
             best = save_epoch(args, rec, model, opt, ema, best)
