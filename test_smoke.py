@@ -448,24 +448,37 @@ def test_every_method_trains_a_step_on_a_heterogeneous_pair(method, tmp_path):
 def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
-                       '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'floor', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0
-                                                                        for r in rows.values())
-    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['floor']['flops'] < rows['fofa']['flops']
-    assert rows['ce']['extra'] == rows['kd']['extra'] == rows['floor']['extra'] == 0 < rows['fbt']['extra']
-    saved = {m: r['saved'] for m, r in rows.items()}  # the no-grad teacher pass of kd keeps nothing for backward
-    assert 'teacher' not in saved['kd'] and saved['floor']['teacher'] > 0 and saved['kd']['student'] > 0
-    assert {'raa', 'afp', 'teacher'} <= saved['fofa'].keys() and {'proj', 'cfm'} <= saved['hcd'].keys()
-    assert 'FOFA / floor' in capsys.readouterr().out
+                       '--warmup', '0', '--dim', '32'])
+    pair = 'convnext_mini -> vit_mini: '
+    assert list(rows) == [pair + m for m in ('ce', 'kd', 'floor', 'fofa', 'fbt', 'hcd')]
+    for r in rows.values():  # one round: the ratios are those of the rows
+        assert r['ms/step'] > 0 and r['peak GiB'] > 0 and r['img/s'] == pytest.approx(4000 / r['ms/step'])
+        assert r['time/floor'] == pytest.approx(r['ms/step'] / rows[pair + 'floor']['ms/step'])
+        assert r['mem/kd'] == pytest.approx(r['peak GiB'] / rows[pair + 'kd']['peak GiB'])
+    out = capsys.readouterr().out
+    assert '| | img/s | ms/step | peak GiB | time/ce | mem/ce | time/kd | mem/kd | time/floor | mem/floor |' in out
+    assert f'| {pair}fofa | ' in out and 'batch 4 at 32 px, fp32' in out
 
 
-def test_conv_backward_flops_count_groups():
+def test_selfcheck_on_cpu_runs_every_part_and_reports_the_cuda_tests(capsys):
     import bench
-    for groups in (1, 8):
-        conv = torch.nn.Conv2d(8, 8, 5, padding=2, groups=groups)
-        x = torch.rand(2, 8, 6, 6, requires_grad=True)
-        forward = 2 * 2 * 36 * conv.weight.numel()
-        assert bench.flops(lambda: conv(x).sum().backward()) == 3 * forward  # forward, grad input, grad weight
+    table = bench.main(['--selfcheck', '--pairs', 'convnext_mini:vit_mini,swin_mini:resnet_mini', '--batch-size',
+                        '4', '--steps', '1', '--warmup', '0', '--loader-steps', '2', '--dim', '32'])
+    tests = [f'test_smoke.py::{t}' for t in ('test_bf16_compile_channels_last_step_agrees_with_fp32_eager[cuda]',
+                                              'test_ddp_two_processes_equal_one_process_with_twice_the_batch[nccl]')]
+    pairs = ['convnext_mini -> vit_mini', 'swin_mini -> resnet_mini']
+    loader = 'convnext_mini -> vit_mini: fofa, train.py'
+    assert list(table) == tests + [f'{p}: {m}' for p in pairs for m in ('ce', 'kd', 'floor', 'fofa')] + [loader]
+    for t, gpus in zip(tests, (1, 2)):  # the skip marks of the tests decide, reasons shown
+        assert table[t]['result'].startswith('SKIPPED (' if torch.cuda.device_count() < gpus else 'PASSED')
+    for p in pairs:
+        fofa = table[f'{p}: fofa']
+        assert all(math.isfinite(fofa[k]) and fofa[k] > 0 for k in ('img/s', 'peak GiB', 'time/kd', 'mem/kd',
+                                                                     'time/floor', 'mem/floor'))
+    assert math.isfinite(table[loader]['img/s']) and table[loader]['img/s'] > 0
+    assert f"next(loader), {data.default_workers()} workers; the step alone" in table[loader]['result']
+    out = capsys.readouterr().out
+    assert all(f'| {row} | ' in out for row in table) and 'torch 2' in out and 'timm' in out
 
 
 def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
@@ -685,6 +698,7 @@ def user_error_cases(tmp_path):
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),
         (['bench.py'] + ok + ['--warmup', '-1'], '--warmup'),
         (['bench.py'] + ok + ['--img-size', '30'], 'does not fit'),
+        (['bench.py', '--selfcheck', '--pairs', 'convnext_mini:vit_mini,swin_mini'], '--pairs'),
     ]
 
 
