@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import random
 import subprocess
 import sys
 import urllib.error
@@ -897,6 +898,22 @@ def test_cifar100(fake_cifar, no_download, recipe):
     assert [len(y) for _, y in val] == [10]  # evaluation batches are 4x the training batch
     x, y = next(iter(val))
     assert 0 <= x.min() and x.max() <= 1
+
+
+@pytest.mark.parametrize('train_split', [True, False])
+def test_cnn_and_test_transforms_drop_the_identity_normalize_and_give_the_same_images(monkeypatch, train_split):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    lean = data._transform('cifar100', 64, 'cnn', train_split)
+    monkeypatch.setattr(data, '_lean', lambda tf: tf)  # timm's pipeline as built
+    full = data._transform('cifar100', 64, 'cnn', train_split)
+    is_norm = lambda tf: [isinstance(t, torchvision.transforms.Normalize) for t in tf.transforms]
+    assert not any(is_norm(lean)) and sum(is_norm(full)) == 1
+    outs = []
+    for tf in (lean, full):
+        random.seed(0)
+        torch.manual_seed(0)
+        outs.append(tf(img))
+    assert torch.equal(*outs)
 
 
 @pytest.mark.parametrize('workers', [0, 2])
