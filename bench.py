@@ -130,7 +130,7 @@ def loader_check(args, device, folder):
         train.train(args, device=device)
     with open(f'{folder}/run/log.jsonl') as f:
         epoch = json.loads(f.readlines()[-1])
-    return {'img/s': epoch['img_per_s'], 'result': f"{steps} steps after as many: "
+    return {'img/s': epoch['img_per_s'], 'result': f"epoch 2 of 2, {steps} steps: "
             f"{100 * epoch['data_wait']:.1f}% of the loop in next(loader), {args.workers} workers"}
 
 
@@ -138,7 +138,7 @@ def machine(device):  # torch and timm versions; the GPU (model, driver) or the 
     cmd = ['grep', '-m1', 'model name', '/proc/cpuinfo'] if device == 'cpu' else \
         ['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv']  # and its header line
     with suppress(OSError):  # no such program
-        device += ' ' + subprocess.run(cmd, capture_output=True, text=True).stdout
+        device += ' ' + subprocess.run(cmd, capture_output=True, text=True).stdout.split(':')[-1]
     versions = f'torch {torch.__version__} (CUDA {torch.version.cuda}), timm {timm.__version__}'
     return f"{versions}, {' '.join(device.split())}"
 
@@ -182,7 +182,7 @@ def main(argv=None):
     if args.selfcheck:  # train.py with the first pair, next to its FOFA step alone
         with tempfile.TemporaryDirectory() as folder:
             table[first[0]] = loader_check(first[1], device, folder)
-        table[first[0]]['result'] += f"; the step alone {first[2]['fofa']['img/s']:.0f} img/s"
+        table[first[0]]['result'] += f"; the step alone {first[2]['fofa']['img/s']:.2f} img/s"
     print(f"\n{time.perf_counter() - start:.0f} s; {machine(device)}; batch {args.batch_size} at "
           f"{first[1].img_size} px, {'bf16' if args.amp else 'fp32'}, compiled: {args.compile}; "
           f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.rounds} round(s)")
