@@ -1,206 +1,197 @@
-"""Speed and memory of one training step per method, in one process, on synthetic data at the pair's real input size.
+"""Time and peak memory of a training step per method, on synthetic data (README, Speed and memory).
 
-    python bench.py --teacher convnext_t --student deit_t --batch-size 16 --steps 5            # CPU fp32
-    python bench.py --teacher convnext_t --student deit_t --batch-size 128 --amp --compile     # CUDA
-
-Accepts train.py's flags (--method is ignored; --methods lists what to time). Prints images/s, ms/step (median),
-peak memory (CUDA max allocated, or peak RSS on CPU sampled during the steps), FLOPs per step, extra trainable
-parameters (beyond the student), and the ratios to ce, kd and `floor`: FOFA's limit, measured in the same run as KD's
-step plus one more teacher pass with autograd from its stage-1 input on (no prompts, no RAA; no weight gradients).
---rounds R repeats the methods in turn R times (interleaved) and reports the median of the rounds.
+    python bench.py --teacher convnext_t --student deit_t --batch-size 16 --steps 5 --rounds 3
+    python bench.py --teacher convnext_t --student deit_t --batch-size 128 --amp --compile  # CUDA
+    python bench.py --selfcheck  # a new machine: the CUDA tests, two pairs, the loader; one table
 """
+import copy
 import ctypes
 import gc
-import math
+import json
 import os
+import pickle
 import statistics
-import threading
+import subprocess
+import sys
+import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, redirect_stdout, suppress
+from unittest import mock
 
+import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import train
 
 
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every 2 ms (CPU has no allocator stats)."""
-
-    def __enter__(self):
-        self.peak, self.run = 0, True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self):
-        page = os.sysconf('SC_PAGE_SIZE')
-        while self.run:
-            with open('/proc/self/statm') as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.run = False
-        self.thread.join()
-
-
-def conv_backward_flops(grad_out_shape, x_shape, w_shape, *args, out_shape=None, **kwargs):
-    # torch's formula ignores groups for the weight gradient (a depthwise conv's is counted C times over); both
-    # gradients of a conv cost what its forward costs: 2 * B * output positions * weight elements
-    output_mask = args[-1]
-    return 2 * grad_out_shape[0] * math.prod(grad_out_shape[2:]) * math.prod(w_shape) * sum(map(bool, output_mask[:2]))
-
-
-def flops(fn):
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) \
-            as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def release_memory(device):
+def release_memory(device):  # so that the next peak is the next method's
     gc.collect()
-    if device == 'cpu':
-        ctypes.CDLL('libc.so.6').malloc_trim(0)  # hand freed pages back, so the next method's peak is its own
-    else:
+    if device != 'cpu':
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def saved_by_part(model, step):
-    """MiB of the tensors autograd keeps for backward in one step, by the module whose forward made them: the student,
-    the teacher (the floor's or FOFA's prompted pass), each of the method's own modules, or 'losses' (outside them).
-    Weights count nowhere (resident anyway); a checkpointed block counts its inputs only, as autograd keeps them.
-    Under --compile a module run inside the compiled student or teacher (an AFP) counts as that model."""
-    parts, sizes, seen = ['losses'], {}, {p.untyped_storage().data_ptr() for p in (*model.parameters(),
-                                                                              *model.buffers())}
-    mods = [(n, c) for n, m in [*model.named_children(), ('teacher', model.teacher)] if m is not None
-            for c in (m.children() if isinstance(m, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [m])]
-    hooks = [h for name, m in mods for h in (
-        m.register_forward_pre_hook(lambda *_, n=name: parts.append(n)),
-        m.register_forward_hook(lambda *_: parts.pop() and None))]  # None: the output is kept
-    if model.teacher is not None:
-        seen |= {p.untyped_storage().data_ptr() for p in model.teacher.parameters()}
-
-    def pack(t):
-        if (ptr := t.untyped_storage().data_ptr()) not in seen:
-            seen.add(ptr)
-            sizes[parts[-1]] = sizes.get(parts[-1], 0) + t.untyped_storage().nbytes() / 2**20
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    for h in hooks:
-        h.remove()
-    return sizes
-
-
-def grad_from_here(m):  # the floor's teacher pass: autograd from the stage-1 input on, as FOFA's prompted pass
-    return m.detach().requires_grad_()
+    with suppress(OSError), open('/proc/self/clear_refs', 'w') as f:  # Linux
+        ctypes.CDLL('libc.so.6').malloc_trim(0)  # freed pages back to the system
+        f.write('5')  # the peak resident size (VmHWM) starts again from the current one
 
 
 def bench(args, method, device, x, y, ctx):
+    """img/s, ms/step (median), peak GiB (CUDA max allocated, or peak RSS). floor: FOFA's limit,
+    KD's step and a teacher pass with autograd from its stage-1 input on (no prompts, no RAA)."""
     args.method = 'kd' if method == 'floor' else method
     torch.manual_seed(0)
     model = train.build(args, 1000 if args.dataset == 'imagenet' else 100).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    if args.compile:
-        model.student.compile()
-        if model.teacher is not None:
-            model.teacher.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused on CPU too, as train.py's (timm) optimizer
+    for net in (model.student, model.teacher) if args.compile else ():
+        if net is not None:
+            net.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused, as train.py's (timm)
 
     def step():
         with ctx:
             _, terms = model(x, y)
-            if method == 'floor':
-                t_logits, t_feats = model.teacher(x, {0: grad_from_here})
-                terms['total'] = terms['total'] + t_logits.float().mean() + sum(f.float().mean() for f in t_feats)
+            if method == 'floor':  # the stage-1 hook: a new leaf that asks for its gradient
+                t_logits, t_feats = model.teacher(x, {0: lambda m: m.detach().requires_grad_()})
+                terms['total'] = terms['total'] + t_logits.float().mean() + sum(
+                    f.float().mean() for f in t_feats)
         terms['total'].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
     for _ in range(args.warmup):  # compile and allocator warm-up, outside the timing
         step()
     release_memory(device)
-    times = []
-    with PeakRSS() as rss:
-        for _ in range(args.steps):
-            if device != 'cpu':
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device != 'cpu':
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() if device != 'cpu' else rss.peak
-    saved = saved_by_part(model, step)
-    extra = sum(p.numel() for p in model.parameters() if p.requires_grad) - sum(
-        p.numel() for p in model.student.parameters() if p.requires_grad)
-    return dict(method=method, ms=1000 * statistics.median(times), mem=mem / 2**30, flops=flops(step) / 1e9,
-                extra=extra / 1e6, saved=saved)
+    times, sync = [], getattr(torch, device).synchronize  # queued GPU work (torch.cpu: no-op)
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    mem = torch.cuda.max_memory_allocated() if device != 'cpu' else 0
+    with suppress(OSError), open('/proc/self/status') as f:  # Linux: VmHWM in kB
+        mem = mem or next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+    ms = 1000 * statistics.median(times)
+    return {'img/s': 1000 * len(x) / ms, 'ms/step': ms, 'peak GiB': mem / 2**30}
 
 
-def main(argv=None):
-    p = train.parser()
-    p.add_argument('--steps', type=train.COUNT, default=5, help='timed steps')
-    p.add_argument('--warmup', type=train.NATURAL, default=2, help='untimed steps first (compile, allocator)')
-    p.add_argument('--methods', default='ce,kd,floor,fofa,fbt,hcd', help='comma list of train.METHODS and floor')
-    p.add_argument('--rounds', type=train.COUNT, default=1, help='repeat the methods in turn; report the median round')
-    args = p.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(',')]
-    if not set(methods) <= {*train.METHODS, 'floor'}:
-        raise SystemExit(f"--methods {args.methods} names unknown methods: choose among {', '.join(train.METHODS)}, floor.")
-    if set(methods) - {'ce'} and not args.teacher:
-        raise SystemExit(f'--methods {args.methods} needs a --teacher: every method but ce distils from one.')
-    args.method = 'kd' if args.teacher else 'ce'  # --method is ignored: checked as a pair with or without a teacher
-    args.overwrite = True  # bench writes nothing to --out
+def compare(args, teacher, student, device, ctx, methods):
+    """({method: medians over --rounds of bench's row and of its ratios to ce, kd, floor}, args)."""
+    args = copy.copy(args)
+    args.teacher, args.student, args.overwrite = teacher, student, True  # bench writes nothing
+    args.method = 'ce' if methods == ['ce'] else 'kd'  # checked as a pair with or without a teacher
     train.check_args(args)
-    args.img_size = args.img_size or train.models.INPUT_SIZE.get(args.student, 224)
-    if args.teacher:
-        train.family_recipe(args.teacher, args.img_size, 'teacher')
-    recipe = train.family_recipe(args.student, args.img_size)
-    args.recipe = args.recipe or recipe
-    args.smoothing, args.teacher_ckpt = 0.1, None
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device == 'cpu':
-        torch.set_num_threads(os.cpu_count())
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    amp = args.amp if args.amp is not None else device != 'cpu'
-    ctx = torch.autocast(device, dtype=torch.bfloat16) if amp else nullcontext()
-    g = torch.Generator().manual_seed(0)
+    args.img_size = args.img_size or train.models.INPUT_SIZE.get(student, 224)
+    if teacher:
+        train.family_recipe(teacher, args.img_size, 'teacher')
+    args.recipe = args.recipe or train.family_recipe(student, args.img_size)
+    args.smoothing, args.teacher_ckpt, g = 0.1, None, torch.Generator().manual_seed(0)
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, 100, (args.batch_size,), generator=g).to(device)
-    name = torch.cuda.get_device_name() if device != 'cpu' else f'CPU x{os.cpu_count()}'
-    print(f'{args.teacher} -> {args.student} at {args.img_size}px, batch {args.batch_size}, {name}, '
-          f'{"bf16" if amp else "fp32"}{", compiled" if args.compile else ""}, torch {torch.__version__}, '
-          f'{args.warmup} warm-up + {args.steps} timed steps (median)')
     runs = {m: [] for m in methods}
     for _ in range(args.rounds):
         for m in methods:
             runs[m].append(bench(args, m, device, x, y, ctx))
             release_memory(device)
-    rows = {m: {k: statistics.median(r[k] for r in rs) if k not in ('method', 'saved') else rs[0][k] for k in rs[0]}
-            for m, rs in runs.items()}
-    ce, kd, floor = rows.get('ce'), rows.get('kd'), rows.get('floor')
-    print(f"{'method':8} {'img/s':>8} {'ms/step':>9} {'peak GB':>8} {'GFLOP':>8} {'extra M':>8} {'t/ce':>6} {'t/kd':>6} "
-          f"{'mem/kd':>7} {'t/floor':>8} {'mem/floor':>9}")
-    for m, r in rows.items():
-        rel = lambda base, k: f"{r[k] / base[k]:.2f}" if base else '-'
-        print(f"{m:8} {1000 * args.batch_size / r['ms']:8.1f} {r['ms']:9.1f} {r['mem']:8.2f} {r['flops']:8.1f} "
-              f"{r['extra']:8.2f} {rel(ce, 'ms'):>6} {rel(kd, 'ms'):>6} {rel(kd, 'mem'):>7} {rel(floor, 'ms'):>8} "
-              f"{rel(floor, 'mem'):>9}")
-    print('saved for backward in one step, MiB, by the module that made it:')
-    for m, r in rows.items():
-        print(f"{m:8} {sum(r['saved'].values()):7.0f} = " + ', '.join(f'{k} {v:.0f}' for k, v in r['saved'].items()))
-    if floor and 'fofa' in rows:  # per-round ratios, so that a slow round on a shared machine counts once
-        ratio = lambda k: statistics.median(a[k] / b[k] for a, b in zip(runs['fofa'], runs['floor']))
-        print(f"FOFA / floor (KD + a teacher pass with autograd from its stage-1 input, measured in this run): "
-              f"time {ratio('ms'):.2f}x, memory {ratio('mem'):.2f}x, FLOPs {ratio('flops'):.2f}x")
-    return rows
+    rows = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for m, rs in runs.items()}
+    for m, rs in runs.items():
+        rows[m].update({f'{name}/{b}': statistics.median(r[k] / q[k] for r, q in zip(rs, runs[b]))
+                        for b in ('ce', 'kd', 'floor') if b in runs
+                        for name, k in (('time', 'ms/step'), ('mem', 'peak GiB'))})
+    return rows, args
+
+
+def cuda_tests():  # test_smoke.py's tests that need CUDA: PASSED, FAILED or SKIPPED (why)
+    ids = ['test_smoke.py::test_bf16_compile_channels_last_step_agrees_with_fp32_eager[cuda]',
+           'test_smoke.py::test_ddp_two_processes_equal_one_process_with_twice_the_batch[nccl]']
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-vv', *ids], capture_output=True,
+                       text=True, cwd=here, env=dict(os.environ, COLUMNS='999'))  # skip reasons fit
+    if r.returncode:  # 1: a test failed; more: pytest could not run them
+        print(r.stdout[-3000:], r.stderr[-1000:])
+    lines = [line.split(' ', 1) for line in r.stdout.splitlines() if line.startswith(tuple(ids))]
+    outcome = {test: rest.rsplit(' [', 1)[0].strip() for test, rest in lines}  # 'PASSED [ 50%]'
+    return {test: {'result': outcome.get(test, 'not run')} for test in ids}
+
+
+def loader_check(args, device, folder):
+    """train.py, 2 epochs of FOFA on a fake CIFAR-100 (torchvision's files); its 2nd epoch's log."""
+    steps, g = max(1, args.loader_steps // 2), torch.Generator().manual_seed(0)
+    os.makedirs(f'{folder}/cifar-100-python')
+    for name, n in (('train', steps * args.batch_size), ('test', args.batch_size), ('meta', 0)):
+        with open(f'{folder}/cifar-100-python/{name}', 'wb') as f:  # one dict fits the three files
+            images = torch.randint(0, 256, (n, 3072), dtype=torch.uint8, generator=g)
+            pickle.dump({'data': images.numpy(), 'fine_labels': [i % 100 for i in range(n)],
+                         'fine_label_names': [f'c{i}' for i in range(100)]}, f)
+    vars(args).update(dataset='cifar100', data_dir=folder, method='fofa', epochs=2, eval_every=2,
+                      out=f'{folder}/run')
+    with mock.patch('torchvision.datasets.cifar.check_integrity', return_value=True), \
+            open(f'{folder}/train.log', 'w') as log, redirect_stdout(log):  # not the real md5 sums
+        train.train(args, device=device)
+    with open(f'{folder}/run/log.jsonl') as f:
+        epoch = json.loads(f.readlines()[-1])
+    return {'img/s': epoch['img_per_s'], 'result': f"epoch 2 of 2, {steps} steps: "
+            f"{100 * epoch['data_wait']:.1f}% of the loop in next(loader), {args.workers} workers"}
+
+
+def machine(device):  # torch and timm versions; the GPU (model, driver) or the CPU model (Linux)
+    cmd = ['grep', '-m1', 'model name', '/proc/cpuinfo'] if device == 'cpu' else \
+        ['nvidia-smi', '--query-gpu=name,driver_version', '--format=csv']  # and its header line
+    with suppress(OSError):  # no such program
+        device += ' ' + subprocess.run(cmd, capture_output=True, text=True).stdout.split(':')[-1]
+    versions = f'torch {torch.__version__} (CUDA {torch.version.cuda}), timm {timm.__version__}'
+    return f"{versions}, {' '.join(device.split())}"
+
+
+def main(argv=None):
+    p, argv = train.parser(), sys.argv[1:] if argv is None else list(argv)
+    a = p.add_argument
+    a('--steps', type=train.COUNT, help='timed steps (default: 5; 20 with --selfcheck)')
+    a('--warmup', type=train.NATURAL, help='untimed steps first (compile): default 2; 3')
+    a('--methods', default='ce,kd,floor,fofa,fbt,hcd', help='comma list of train.METHODS and floor')
+    a('--rounds', type=train.COUNT, default=1, help='run the methods in turn R times; medians')
+    a('--selfcheck', action='store_true', help='CUDA tests; ce,kd,floor,fofa on --pairs; train.py')
+    a('--pairs', default='convnext_t:deit_t,swin_t:resnet18', help='--selfcheck: TEACHER:STUDENT')
+    a('--loader-steps', type=train.COUNT, default=200, help='--selfcheck: FOFA steps, half timed')
+    p.set_defaults(batch_size=None)  # 64; 128 with --selfcheck
+    args = p.parse_args(argv + ['--student', ''] if '--selfcheck' in argv else argv)  # in --pairs
+    args.batch_size, args.steps, args.warmup = (d if v is None else v for v, d in zip(
+        (args.batch_size, args.steps, args.warmup), (128, 20, 3) if args.selfcheck else (64, 5, 2)))
+    methods = ['ce', 'kd', 'floor', 'fofa'] if args.selfcheck else args.methods.split(',')
+    pairs = [pair.split(':') for pair in args.pairs.split(',')] if args.selfcheck else [
+        (args.teacher, args.student)]
+    if not set(methods) <= {*train.METHODS, 'floor'}:
+        raise SystemExit(f"--methods {args.methods} names unknown methods: choose among "
+                         f"{', '.join(train.METHODS)}, floor.")
+    if {len(pair) for pair in pairs} != {2}:
+        raise SystemExit(f'--pairs {args.pairs} is not a comma list of TEACHER:STUDENT.')
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    args.amp = device != 'cpu' if args.amp is None else args.amp
+    args.compile |= args.selfcheck and device != 'cpu'
+    if device == 'cpu':
+        torch.set_num_threads(os.cpu_count())
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ctx = torch.autocast(device, torch.bfloat16) if args.amp else nullcontext()
+    start, table, first = time.perf_counter(), cuda_tests() if args.selfcheck else {}, None
+    for teacher, student in pairs:
+        print(f'{time.perf_counter() - start:.0f} s: {teacher} -> {student}', flush=True)
+        rows, pair_args = compare(args, teacher, student, device, ctx, methods)
+        table.update({f'{teacher} -> {student}: {m}': r for m, r in rows.items()})
+        first = first or (f'{teacher} -> {student}: fofa, train.py', pair_args, rows)
+    if args.selfcheck:  # train.py with the first pair, next to its FOFA step alone
+        with tempfile.TemporaryDirectory() as folder:
+            table[first[0]] = loader_check(first[1], device, folder)
+        table[first[0]]['result'] += f"; the step alone {first[2]['fofa']['img/s']:.2f} img/s"
+    print(f"\n{time.perf_counter() - start:.0f} s; {machine(device)}; batch {args.batch_size} at "
+          f"{first[1].img_size} px, {'bf16' if args.amp else 'fp32'}, compiled: {args.compile}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps, median of {args.rounds} round(s)")
+    cols = list(dict.fromkeys(k for r in table.values() for k in r))  # a markdown table, '-': none
+    print(f"| | {' | '.join(cols)} |\n|---|{'---|' * len(cols)}")
+    for name, r in table.items():
+        cells = [f'{v:.2f}' if isinstance(v, float) else v for v in (r.get(c, '-') for c in cols)]
+        print(f"| {name} | {' | '.join(cells)} |")
+    return table
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import statistics
 import subprocess
@@ -461,6 +462,7 @@ def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     assert 'training convnext_mini' not in capsys.readouterr().out
     logs = [json.loads(line) for line in open(tmp_path / 'kd' / 'log.jsonl')]
     assert logs[0]['top1'] is None and logs[1]['top1'] is not None and 'kd' in logs[0]
+    assert all(0 <= log['data_wait'] < 1 for log in logs)  # the share of each epoch's loop spent in next(loader)
     assert torch.load(tmp_path / 'kd' / 'best.pt', weights_only=True)['epoch'] == 2
 
 
@@ -487,24 +489,37 @@ def test_every_method_trains_a_step_on_a_heterogeneous_pair(method, tmp_path):
 def test_bench_prints_ratios_and_the_floor(capsys):
     import bench
     rows = bench.main(['--teacher', 'convnext_mini', '--student', 'vit_mini', '--batch-size', '4', '--steps', '1',
-                       '--warmup', '1', '--dim', '32'])
-    assert list(rows) == ['ce', 'kd', 'floor', 'fofa', 'fbt', 'hcd'] and all(r['ms'] > 0 and r['mem'] > 0
-                                                                        for r in rows.values())
-    assert rows['ce']['flops'] < rows['kd']['flops'] < rows['floor']['flops'] < rows['fofa']['flops']
-    assert rows['ce']['extra'] == rows['kd']['extra'] == rows['floor']['extra'] == 0 < rows['fbt']['extra']
-    saved = {m: r['saved'] for m, r in rows.items()}  # the no-grad teacher pass of kd keeps nothing for backward
-    assert 'teacher' not in saved['kd'] and saved['floor']['teacher'] > 0 and saved['kd']['student'] > 0
-    assert {'raa', 'afp', 'teacher'} <= saved['fofa'].keys() and {'proj', 'cfm'} <= saved['hcd'].keys()
-    assert 'FOFA / floor' in capsys.readouterr().out
+                       '--warmup', '0', '--dim', '32'])
+    pair = 'convnext_mini -> vit_mini: '
+    assert list(rows) == [pair + m for m in ('ce', 'kd', 'floor', 'fofa', 'fbt', 'hcd')]
+    for r in rows.values():  # one round: the ratios are those of the rows
+        assert r['ms/step'] > 0 and r['peak GiB'] > 0 and r['img/s'] == pytest.approx(4000 / r['ms/step'])
+        assert r['time/floor'] == pytest.approx(r['ms/step'] / rows[pair + 'floor']['ms/step'])
+        assert r['mem/kd'] == pytest.approx(r['peak GiB'] / rows[pair + 'kd']['peak GiB'])
+    out = capsys.readouterr().out
+    assert '| | img/s | ms/step | peak GiB | time/ce | mem/ce | time/kd | mem/kd | time/floor | mem/floor |' in out
+    assert f'| {pair}fofa | ' in out and 'batch 4 at 32 px, fp32' in out
 
 
-def test_conv_backward_flops_count_groups():
+def test_selfcheck_on_cpu_runs_every_part_and_reports_the_cuda_tests(capsys):
     import bench
-    for groups in (1, 8):
-        conv = torch.nn.Conv2d(8, 8, 5, padding=2, groups=groups)
-        x = torch.rand(2, 8, 6, 6, requires_grad=True)
-        forward = 2 * 2 * 36 * conv.weight.numel()
-        assert bench.flops(lambda: conv(x).sum().backward()) == 3 * forward  # forward, grad input, grad weight
+    table = bench.main(['--selfcheck', '--pairs', 'convnext_mini:vit_mini,swin_mini:resnet_mini', '--batch-size',
+                        '4', '--steps', '1', '--warmup', '0', '--loader-steps', '2', '--dim', '32'])
+    tests = [f'test_smoke.py::{t}' for t in ('test_bf16_compile_channels_last_step_agrees_with_fp32_eager[cuda]',
+                                              'test_ddp_two_processes_equal_one_process_with_twice_the_batch[nccl]')]
+    pairs = ['convnext_mini -> vit_mini', 'swin_mini -> resnet_mini']
+    loader = 'convnext_mini -> vit_mini: fofa, train.py'
+    assert list(table) == tests + [f'{p}: {m}' for p in pairs for m in ('ce', 'kd', 'floor', 'fofa')] + [loader]
+    for t, gpus in zip(tests, (1, 2)):  # the skip marks of the tests decide, reasons shown
+        assert table[t]['result'].startswith('SKIPPED (' if torch.cuda.device_count() < gpus else 'PASSED')
+    for p in pairs:
+        fofa = table[f'{p}: fofa']
+        assert all(math.isfinite(fofa[k]) and fofa[k] > 0 for k in ('img/s', 'peak GiB', 'time/kd', 'mem/kd',
+                                                                     'time/floor', 'mem/floor'))
+    assert math.isfinite(table[loader]['img/s']) and table[loader]['img/s'] > 0
+    assert f"next(loader), {data.default_workers()} workers; the step alone" in table[loader]['result']
+    out = capsys.readouterr().out
+    assert all(f'| {row} | ' in out for row in table) and 'torch 2' in out and 'timm' in out
 
 
 def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
@@ -742,6 +757,7 @@ def user_error_cases(tmp_path):
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),
         (['bench.py'] + ok + ['--warmup', '-1'], '--warmup'),
         (['bench.py'] + ok + ['--img-size', '30'], 'does not fit'),
+        (['bench.py', '--selfcheck', '--pairs', 'convnext_mini:vit_mini,swin_mini'], '--pairs'),
     ]
 
 
@@ -960,6 +976,22 @@ def test_cifar100(fake_cifar, no_download, recipe):
     assert 0 <= x.min() and x.max() <= 1
 
 
+@pytest.mark.parametrize('train_split', [True, False])
+def test_cnn_and_test_transforms_drop_the_identity_normalize_and_give_the_same_images(monkeypatch, train_split):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    lean = data._transform('cifar100', 64, 'cnn', train_split)
+    monkeypatch.setattr(data, '_lean', lambda tf: tf)  # timm's pipeline as built
+    full = data._transform('cifar100', 64, 'cnn', train_split)
+    is_norm = lambda tf: [isinstance(t, torchvision.transforms.Normalize) for t in tf.transforms]
+    assert not any(is_norm(lean)) and sum(is_norm(full)) == 1
+    outs = []
+    for tf in (lean, full):
+        random.seed(0)
+        torch.manual_seed(0)
+        outs.append(tf(img))
+    assert torch.equal(*outs)
+
+
 @pytest.mark.parametrize('workers', [0, 2])
 def test_cifar100_epoch_determinism(fake_cifar, no_download, workers):
     """Order and augmentation (RandomResizedCrop, flip, RandAugment, erasing) follow (seed, epoch),
@@ -971,6 +1003,36 @@ def test_cifar100_epoch_determinism(fake_cifar, no_download, workers):
     a, b, c = first(2), first(2), first(5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_timed_loader_counts_the_time_in_next_not_the_steps(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(data.time, 'perf_counter', lambda: clock[0])
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            clock[0] += 1  # a second to load an image
+            return torch.zeros(1)
+    loader = data.TimedLoader(Slow(), batch_size=1)
+    for epoch in range(2):
+        for batch in loader:
+            clock[0] += 10  # a step: 10 seconds outside next(loader)
+        assert loader.wait == 3  # this epoch's, not the run's
+
+
+@pytest.mark.parametrize('cores, local, workers', [(8, None, 8), (8, '2', 4), (2, '4', 1)])
+def test_default_workers_share_the_usable_cores_among_local_processes(monkeypatch, cores, local, workers):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    if local:
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', local)
+    else:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert data.default_workers() == workers
+    assert train.get_args(['--student', 'vit_mini']).workers == workers
+    assert train.get_args(['--student', 'vit_mini', '--workers', '0']).workers == 0  # the flag wins
 
 
 def test_cifar100_missing(tmp_path, no_download):

@@ -167,7 +167,8 @@ def parser():
     g('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     g('--compile', action='store_true', help='torch.compile the student and the teacher')
     g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    g('--workers', type=NATURAL, default=4, help='data loader processes per training process')
+    g('--workers', type=NATURAL, default=data.default_workers(), help='data loader processes per '
+      'training process, 0: none (default: the usable cores / LOCAL_WORLD_SIZE)')
     g('--log-every', type=COUNT, default=50, help='steps between progress lines')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (the last is always '
       'tested); the others log top1 null')
@@ -517,6 +518,7 @@ def train(args, rank=0, world=1, device='cpu'):
                    'top1_ema': ema_top1, 'teacher_top1': teacher_top1, **extra,
                    'lr': opt.param_groups[0]['lr'],
                    'img_per_s': round(steps * args.batch_size * world / train_s, 1),
+                   'data_wait': round(train_loader.wait / train_s, 4),
                    'peak_mem_gb': peak_memory_gb(device)}
             best = save_epoch(args, rec, model, opt, ema, best)
             epoch_s = time.time() - t0  # training, tests and saving
