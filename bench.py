@@ -143,8 +143,8 @@ def machine(device):  # torch and timm versions; the GPU (model, driver) or the 
     return f"{versions}, {' '.join(device.split())}"
 
 
-def main(argv=None):
-    p, argv = train.parser(), sys.argv[1:] if argv is None else list(argv)
+def parser():
+    p = train.parser()
     a = p.add_argument
     a('--steps', type=train.COUNT, help='timed steps (default: 5; 20 with --selfcheck)')
     a('--warmup', type=train.NATURAL, help='untimed steps first (compile): default 2; 3')
@@ -154,6 +154,11 @@ def main(argv=None):
     a('--pairs', default='convnext_t:deit_t,swin_t:resnet18', help='--selfcheck: TEACHER:STUDENT')
     a('--loader-steps', type=train.COUNT, default=200, help='--selfcheck: FOFA steps, half timed')
     p.set_defaults(batch_size=None)  # 64; 128 with --selfcheck
+    return p
+
+
+def main(argv=None):
+    p, argv = parser(), sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv + ['--student', ''] if '--selfcheck' in argv else argv)  # in --pairs
     args.batch_size, args.steps, args.warmup = (d if v is None else v for v, d in zip(
         (args.batch_size, args.steps, args.warmup), (128, 20, 3) if args.selfcheck else (64, 5, 2)))

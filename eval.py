@@ -265,7 +265,7 @@ def paper_table(root, table, metric):
             print(f'left out, {pair}/{config}: {text}')
 
 
-def main(argv=None):
+def parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
     p.add_argument('--ckpt', help="best.pt / last.pt of a run, a timm checkpoint (PATH:ema: its EMA), or 'timm'")
@@ -285,7 +285,11 @@ def main(argv=None):
     p.add_argument('--metric', choices=('best', 'last'), default='best',
                    help="with --paper, a run's top-1: the best tested epoch's max(raw, EMA), the "
                    "official code's metric, or the last epoch's raw student")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     if args.summarize:
         root = train.check_path('--summarize', args.summarize, 'runs directory')
         if args.paper:

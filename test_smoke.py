@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import random
 import re
 import statistics
@@ -1653,3 +1654,42 @@ def test_eval_paper_puts_our_cells_beside_the_papers(tmp_path, capsys):
     assert 'left out' not in out  # the unfinished kd run is no cell of Table 6
     with pytest.raises(SystemExit, match='holds no finished runs'):
         evaluate_script.main(['--summarize', str(tmp_path), '--paper', '2'])  # no imagenet/ runs
+
+
+# ---------------------------------------------------------------- the docs cannot drift from the flags
+def doc_commands(path):
+    """(script, argv) of every train.py, bench.py and eval.py command in a markdown file: code blocks
+    (continuation lines joined, `for X in a b; do ...; done` expanded over its values) and inline code."""
+    text = open(path).read()
+    blocks = re.findall(r'```[a-z]*\n(.*?)```', text, re.S)
+    lines = [line for b in blocks for line in b.replace('\\\n', ' ').splitlines()]
+    prose = re.sub(r'```.*?```', '', text, flags=re.S)
+    lines += re.findall(r'`((?:python|torchrun) [^`\n]*)`', prose)
+    commands = []
+    for line in lines:
+        loop = re.match(r'\s*for (\w+) in ([^;]+); do (.*); done', line)
+        bodies = [line]
+        if loop:
+            bodies = [loop.group(3).replace(f'${loop.group(1)}', v) for v in loop.group(2).split()]
+        for body in (b for b in bodies if re.search(r'\b(train|bench|eval)\.py', b)):
+            body = body.replace('$T', '--dataset cifar100 --teacher convnext_t')  # README's $T
+            tokens = shlex.split(body.split(';')[0].split('|')[0], comments=True)
+            for i, token in enumerate(tokens):
+                if token in ('train.py', 'bench.py', 'eval.py') and '...' not in tokens:
+                    commands.append((token, [t for t in tokens[i + 1:] if not t.startswith('>')]))
+    return commands
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'RESULTS.md'])
+def test_every_command_in_the_docs_parses_with_the_projects_parsers(doc):
+    import bench
+    parsers = {'train.py': train.parser, 'bench.py': bench.parser, 'eval.py': evaluate_script.parser}
+    commands = doc_commands(os.path.join(HERE, doc))
+    assert {script for script, _ in commands} >= {'train.py', 'bench.py', 'eval.py'}
+    for script, argv in commands:
+        if script == 'bench.py' and '--selfcheck' in argv:
+            argv = argv + ['--student', '']  # bench.py takes the pairs from --pairs there
+        try:
+            parsers[script]().parse_args(argv)
+        except SystemExit as e:
+            raise AssertionError(f'{doc}: {script} {" ".join(argv)}: {e}') from None
