@@ -897,6 +897,26 @@ def test_cifar100_epoch_determinism(fake_cifar, no_download, workers):
     assert not torch.equal(a[0], c[0])
 
 
+def test_augmentation_is_per_image_whatever_the_workers_the_ranks_or_the_first_step(fake_cifar, no_download):
+    """Each image is augmented from (seed, epoch, index): the batches do not depend on the loader workers, on the
+    rank (two ranks' batches interleave into one process's batch of twice the size) or on where the epoch starts
+    (set_epoch at step k gives the whole epoch's batches from k on, and loads only those)."""
+    def epoch(workers=0, rank=0, world=1, batch=4, step=0):
+        loader, _, _ = data.build_loaders('cifar100', str(fake_cifar), 32, batch, recipe='vit', workers=workers,
+                                          distributed=world > 1, rank=rank, world_size=world, seed=3)
+        data.set_epoch(loader, 1, 3, step)
+        assert len(loader) == 20 // world // batch - step  # 20 images
+        return [(x, y) for x, y in loader]
+    same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    whole = epoch()
+    assert len(whole) == 5 and all(map(same, whole, epoch(workers=2)))
+    assert all(map(same, whole[3:], epoch(workers=2, step=3)))
+    ranks = [epoch(rank=r, world=2, batch=2) for r in (0, 1)]
+    interleaved = [(torch.stack([a, b], 1).flatten(0, 1), torch.stack([y, z], 1).flatten())
+                   for (a, y), (b, z) in zip(*ranks)]
+    assert all(map(same, whole, interleaved))
+
+
 def test_cifar100_missing(tmp_path, no_download):
     with pytest.raises(SystemExit, match='cifar-100-python'):
         data.build_loaders('cifar100', str(tmp_path / 'nowhere'), 32, 8, workers=0)
