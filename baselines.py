@@ -1,5 +1,6 @@
-"""The comparison methods with modules of their own: OFA, FBT and HCD (sources: ../shared/notes/fbt_hcd.md).
-Each is a fofa.Distiller (CE on the student, distill() against the frozen teacher); train.METHODS builds them."""
+"""The comparison methods with modules of their own: OFA, FBT and HCD (NOTES.md, FBT and HCD).
+Each is a fofa.Distiller (CE on the student, distill() against the frozen teacher); train.build
+builds them."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,15 +12,17 @@ from losses import info_nce, kd, ofa, orthogonality
 
 
 class OFA(Distiller):
-    """OFA-KD (Hao et al. 2023): the OFA loss on the final logits and on a head per chosen student stage (stride-2
-    separable convs to the last stage's size, 1x1 conv, pool, linear: one design for the maps of every family)."""
+    """OFA-KD (Hao et al. 2023): the OFA loss on the final logits and on a head per chosen student
+    stage (stride-2 separable convs to the last stage's size, 1x1 conv, pool, linear: one design
+    for the maps of every family)."""
 
     def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
-        super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)}, **kw)
+        super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)},
+                         **kw)
         _, s_out = student.shapes(img_size)
         width = max(s_out[3][0], teacher.shapes(img_size)[1][3][0])
-        self.heads = nn.ModuleDict({str(i - 1): self.head(s_out[i - 1], s_out[3][1], width, num_classes)
-                                    for i in stages})
+        self.heads = nn.ModuleDict({str(i - 1): self.head(s_out[i - 1], s_out[3][1], width,
+                                                          num_classes) for i in stages})
         self.eps = eps
 
     @staticmethod
@@ -28,8 +31,8 @@ class OFA(Distiller):
         while h > final_size:
             layers += [nn.Conv2d(c, c, 3, 2, 1, groups=c), nn.Conv2d(c, 2 * c, 1), nn.GELU()]
             c, h = 2 * c, (h + 1) // 2
-        return nn.Sequential(*layers, nn.Conv2d(c, width, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                             nn.LayerNorm(width), nn.Linear(width, num_classes))
+        return nn.Sequential(*layers, nn.Conv2d(c, width, 1), nn.GELU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.LayerNorm(width), nn.Linear(width, num_classes))
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
@@ -39,32 +42,44 @@ class OFA(Distiller):
 
 
 class FBT(Distiller):
-    """FBT (Li et al., ICCV'25): a fused model, stages 1-3 of side a -> L2G -> stage 4 + head of side b, with a the
-    teacher iff it is the pair's only CNN, else the student (notes 4.1). L = sum over the pairs (t, s), (t, f), (f, s)
-    of InfoNCE on the pooled final features + OFA on the logits (Eq. 3). The fused side is the target in (f, s), so
-    it is detached there: only the teacher trains it. Frozen teacher stages in the fused path pass gradients on."""
+    """FBT (Li et al., ICCV'25): a fused model, stages 1-3 of side a -> L2G -> stage 4 + head of
+    side b, with a the teacher iff it is the pair's only CNN, else the student (NOTES.md, FBT).
+    L = sum over the pairs (t, s), (t, f), (f, s) of InfoNCE on the pooled final features + OFA on
+    the logits (Eq. 3). The fused side is the target in (f, s), so it is detached there: only the
+    teacher trains it. Frozen teacher stages in the fused path pass gradients on."""
 
     def __init__(self, student, teacher, img_size, eps=1.0, dim=128, **kw):
         super().__init__(student, teacher, **kw)
-        self.t_first, self.eps = teacher.layout == 'nchw' != student.layout, eps  # nchw: ResNet, ConvNeXt, MobileNet
-        a, b = (teacher, student) if self.t_first else (student, teacher)  # stages 1-3 from a, stage 4 + head from b
-        shape = {m: m.shapes(img_size) for m in (student, teacher)}  # (stage inputs, stage outputs), each (C, H, W)
+        # nchw: ResNet, ConvNeXt, MobileNet
+        self.t_first, self.eps = teacher.layout == 'nchw' != student.layout, eps
+        # stages 1-3 from a, stage 4 + head from b
+        a, b = (teacher, student) if self.t_first else (student, teacher)
+        # (stage inputs, stage outputs), each (C, H, W)
+        shape = {m: m.shapes(img_size) for m in (student, teacher)}
         c, h, w = shape[b][0][3]  # what b's stage 4 takes
-        window = max(k for k in range(1, 8) if h % k == 0 == w % k)  # Swin's 7, or the largest that tiles the grid
-        # L2G: PE (1x1 conv + LN, pooled to b's stage-3 grid) and one Swin block (head width 32, no shift)
+        # Swin's 7, or the largest that tiles the grid
+        window = max(k for k in range(1, 8) if h % k == 0 == w % k)
+        # L2G: PE (1x1 conv + LN, pooled to b's stage-3 grid), a Swin block (heads of 32, no shift)
         self.l2g = nn.Sequential(nn.Conv2d(shape[a][1][2][0], c, 1), nn.AdaptiveAvgPool2d((h, w)),
                                  Permute([0, 2, 3, 1]), nn.LayerNorm(c),
-                                 SwinTransformerBlock(c, (h, w), max(c // 32, 1), window_size=window),
+                                 SwinTransformerBlock(c, (h, w), max(c // 32, 1),
+                                                      window_size=window),
                                  Permute([0, 3, 1, 2]))
-        self.prefix = nn.Parameter(torch.zeros(1, b.prefix, c)) if b.prefix else None  # a ViT b's class token
-        self.emb = nn.ModuleList(nn.Linear(shape[m][1][3][0], dim) for m in (student, b, teacher))  # s, f, t (CRD)
-        self.log_scale = nn.Parameter(torch.full((3,), 1 / 0.07).log())  # 1 / tau per pair, learnable (CLIP)
+        # a ViT b's class token
+        self.prefix = nn.Parameter(torch.zeros(1, b.prefix, c)) if b.prefix else None
+        # s, f, t (CRD)
+        self.emb = nn.ModuleList(nn.Linear(shape[m][1][3][0], dim) for m in (student, b, teacher))
+        # 1 / tau per pair, learnable (CLIP)
+        self.log_scale = nn.Parameter(torch.full((3,), 1 / 0.07).log())
 
     def fused(self, images, stage3=None):
-        """The fused model: (logits, pooled stage-4 map). stage3: side a's stage-3 output, if already computed."""
+        """The fused model: (logits, pooled stage-4 map). stage3: side a's stage-3 output, if
+        already computed."""
         a, b = (self.teacher, self.student) if self.t_first else (self.student, self.teacher)
         x = self.l2g(a(images)[1][2] if stage3 is None else stage3)
-        prefix = x.new_zeros(len(x), 0, x.shape[1]) if self.prefix is None else self.prefix.expand(len(x), -1, -1)
+        prefix = x.new_zeros(len(x), 0, x.shape[1])
+        if self.prefix is not None:
+            prefix = self.prefix.expand(len(x), -1, -1)
         x = b._stages[3](b.from_map(x, prefix))  # b's own stage 4, final norm and head
         return b.net.forward_head(b._final(x)), b.to_map(x).mean((2, 3))
 
@@ -73,36 +88,48 @@ class FBT(Distiller):
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         f_logits, f_feat = self.fused(images, t_feats[2] if self.t_first else feats[2])
-        e_s, e_f, e_t = (m(f) for m, f in zip(self.emb, (feats[3].mean((2, 3)), f_feat, t_feats[3].mean((2, 3)))))
-        pair = lambda i, e, e_to, p, p_to: info_nce(e, e_to, self.log_scale[i]) + ofa(p, p_to, targets, self.eps)
+        pooled = (feats[3].mean((2, 3)), f_feat, t_feats[3].mean((2, 3)))
+        e_s, e_f, e_t = (m(f) for m, f in zip(self.emb, pooled))
+        pair = lambda i, e, e_to, p, p_to: (info_nce(e, e_to, self.log_scale[i])
+                                            + ofa(p, p_to, targets, self.eps))
         return {'teacher_student': pair(0, e_s, e_t, logits, t_logits),
                 'teacher_fused': pair(1, e_f, e_t, f_logits, t_logits),
                 'fused_student': pair(2, e_s, e_f.detach(), logits, f_logits.detach())}
 
 
 class HCD(Distiller):
-    """HCD (Xu et al., AAAI'26) as notes section 2 reconstructs it: per student stage, a projector (OFA's head less its
-    Linear) and a Linear-ReLU-Linear mapper from [stage feature; teacher's pooled last stage] to n sub-logits, each
-    plus the teacher's logits. L = CE + KD + over stages and sub-logits: CE + w_kl * KL(sub || student) + orthog."""
+    """HCD (Xu et al., AAAI'26) as reconstructed from its sources (NOTES.md, HCD): per student
+    stage, a projector (OFA's head less its Linear) and a Linear-ReLU-Linear mapper from [stage
+    feature; teacher's pooled last stage] to n sub-logits, each plus the teacher's logits.
+    L = CE + KD + over stages: sub-logit CE + orthogonality, + w_kl * the mean over stages of
+    KL(sub || student), the sub-logits detached there and w_kl warmed up over a share of the run."""
 
-    def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, theta=0.5, kd_t=1.0, **kw):
+    def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, warmup=20 / 240,
+                 theta=0.5, kd_t=1.0, **kw):
         super().__init__(student, teacher, kd_t=kd_t, **kw)
         (_, s_out), c_t = student.shapes(img_size), teacher.shapes(img_size)[1][3][0]
         width = max(s_out[3][0], c_t)
         self.proj = nn.ModuleList(OFA.head(s, s_out[3][1], width, 1)[:-1] for s in s_out)
-        self.cfm = nn.ModuleList(nn.Sequential(nn.Linear(width + c_t, c_t), nn.ReLU(), nn.Linear(c_t, n * num_classes))
-                                 for _ in s_out)
+        self.cfm = nn.ModuleList(nn.Sequential(nn.Linear(width + c_t, c_t), nn.ReLU(),
+                                               nn.Linear(c_t, n * num_classes)) for _ in s_out)
         self.n, self.theta, self.kd_t = n, theta, kd_t
         self.weights.update(sub_ce=1.0, sub_kl=w_kl, orth=1.0)
+        self.ramps['sub_kl'] = warmup
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # the plain KD term
+        # the plain KD term
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
         f_t = t_feats[3].float().mean((2, 3))  # the teacher's penultimate feature
-        z = [cfm(torch.cat([proj(f).float(), f_t], 1)).float().unflatten(1, (self.n, -1)) + t_logits[:, None]
-             for proj, cfm, f in zip(self.proj, self.cfm, feats)]  # (B, n, K) per stage, fused with the teacher's
-        y = targets.unsqueeze(-1).expand(*targets.shape, self.n)  # each sub-logit gets the sample's target
+        # (B, n, K) per stage, fused with the teacher's
+        z = [cfm(torch.cat([proj(f).float(), f_t], 1)).float().unflatten(1, (self.n, -1))
+             + t_logits[:, None] for proj, cfm, f in zip(self.proj, self.cfm, feats)]
+        # each sub-logit gets the sample's target
+        y = targets.unsqueeze(-1).expand(*targets.shape, self.n)
         losses['sub_ce'] = sum(F.cross_entropy(s.transpose(1, 2), y) for s in z)
-        losses['sub_kl'] = sum(kd(logits[:, None].expand_as(s).flatten(0, 1), s.flatten(0, 1), self.kd_t) for s in z)
+        # the sub-logits are the student's targets here: detached, or the KL drags them toward
+        # the untrained student (NOTES.md, HCD)
+        student = logits[:, None].expand_as(z[0]).flatten(0, 1)
+        losses['sub_kl'] = sum(kd(student, s.detach().flatten(0, 1), self.kd_t) for s in z) / len(z)
         hard = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: its main class
         losses['orth'] = sum(orthogonality(s, hard, self.theta) for s in z)
         return losses

@@ -1,5 +1,6 @@
-"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits. Loaders yield int64 labels and images
-in [0, 1], NOT normalised: each model normalises its own input (teacher and student may use different stats)."""
+"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits. Loaders yield int64
+labels and images in [0, 1], NOT normalised: each model normalises its own input (teacher and
+student may use different stats)."""
 import os
 import random
 
@@ -10,7 +11,8 @@ import torchvision
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment
+from timm.data import create_transform
 
 DATASETS = ('cifar100', 'imagenet', 'digits')
 NUM_CLASSES = {'cifar100': 100, 'imagenet': 1000, 'digits': 10}
@@ -22,9 +24,11 @@ IDENTITY = ((0., 0., 0.), (1., 1., 1.))  # makes timm's Normalize a no-op
 
 
 def _posterize(img, bits_to_keep, _timm_posterize=auto_augment.posterize, **kwargs):
-    # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12 raises,
-    # older Pillow returned a black image, which is what the recipe was trained with.
-    return Image.new(img.mode, img.size) if bits_to_keep < 1 else _timm_posterize(img, bits_to_keep, **kwargs)
+    # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12
+    # raises, older Pillow returned a black image, which is what the recipe was trained with.
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
 
 
 auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_OP.items()
@@ -46,16 +50,20 @@ def _imagefolder(data_dir, split):
 
 def _transform(dataset, img_size, recipe, train):
     if not train:  # Resize(img_size / 0.875) + CenterCrop(img_size)
-        return create_transform(img_size, crop_pct=0.875, interpolation='bilinear', mean=IDENTITY[0], std=IDENTITY[1])
+        return create_transform(img_size, crop_pct=0.875, interpolation='bilinear',
+                                mean=IDENTITY[0], std=IDENTITY[1])
     vit = recipe == 'vit'
     # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
     # vit pipeline is built with real stats and the Normalize is undone at the end.
-    mean, std = (NORM[dataset] or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)) if vit else IDENTITY
+    mean, std = IDENTITY
+    if vit:
+        mean, std = NORM[dataset] or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
     tf = create_transform(img_size, is_training=True, color_jitter=0., interpolation='bilinear',
                           auto_augment='rand-m9-mstd0.5-inc1' if vit else None,
                           re_prob=0.25 if vit else 0., re_mode='pixel', mean=mean, std=std)
     if vit:
-        tf.transforms.append(torchvision.transforms.Normalize([-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
+        inverse = [-m / s for m, s in zip(mean, std)], [1 / s for s in std]
+        tf.transforms.append(torchvision.transforms.Normalize(*inverse))
     return tf
 
 
@@ -67,11 +75,13 @@ def _image_datasets(dataset, data_dir, img_size, recipe):
             return [torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
                     for t, tf in ((True, tf_train), (False, tf_val))]
         except (OSError, RuntimeError) as e:
-            raise SystemExit(f"CIFAR-100 not found in {os.path.join(data_dir, 'cifar-100-python')} and "
-                             f"download failed ({e}): download and extract cifar-100-python.tar.gz "
-                             f"from https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir} (--data-dir).")
+            folder = os.path.join(data_dir, 'cifar-100-python')
+            raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
+                             "and extract cifar-100-python.tar.gz from "
+                             f"https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir} (--data-dir).")
     paths = [_imagefolder(data_dir, split) for split in ('train', 'val')]
-    train, val = (torchvision.datasets.ImageFolder(p, tf) for p, tf in zip(paths, (tf_train, tf_val)))
+    train = torchvision.datasets.ImageFolder(paths[0], tf_train)
+    val = torchvision.datasets.ImageFolder(paths[1], tf_val)
     if train.classes != val.classes:
         raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
     return train, val
@@ -86,17 +96,19 @@ def _digits_datasets(img_size, train_fraction):
     x = F.interpolate(x, size=img_size, mode='bilinear', align_corners=False).clamp(0, 1)
     x, y = x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target, dtype=torch.int64)
     # the split and the train subset are fixed (random_state=0), independent of the run seed
-    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target, random_state=0)
+    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target,
+                                          random_state=0)
     if train_fraction < 1:
         train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
                                         stratify=d.target[train_idx], random_state=0)
     train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-    return Digits(x[train_idx], y[train_idx], pad=max(1, img_size // 8)), Digits(x[val_idx], y[val_idx])
+    train = Digits(x[train_idx], y[train_idx], pad=max(1, img_size // 8))
+    return train, Digits(x[val_idx], y[val_idx])
 
 
 class Digits(torch.utils.data.Dataset):
-    """Digits in memory; training images shift by up to +-pad pixels (no flips: they change digits), drawn from
-    (seed, epoch, index): N processes see exactly the batches one process would."""
+    """Digits in memory; training images shift by up to +-pad pixels (no flips: they change
+    digits), drawn from (seed, epoch, index): N processes see the batches one process would."""
     def __init__(self, x, y, pad=0):
         self.x, self.y, self.pad = x, y, pad
 
@@ -114,13 +126,14 @@ class Digits(torch.utils.data.Dataset):
 
 
 def sample_seed(*key):
-    """A 64-bit seed mixed from small integers (seed, epoch, index or step...): nearby keys, unrelated streams."""
+    """A 64-bit seed mixed from small integers (seed, epoch, index or step...): nearby keys give
+    unrelated streams."""
     return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
 
 
 def seed_globals(*key, cuda=True):
-    """Seeds the generators that augmentations and batch draws use: Python's, NumPy's, torch's CPU one, and
-    torch's CUDA ones unless cuda=False (per image: the transforms run on the CPU)."""
+    """Seeds the generators that augmentations and batch draws use: Python's, NumPy's, torch's
+    CPU one, and torch's CUDA ones unless cuda=False (per image: the transforms run on the CPU)."""
     s = sample_seed(*key)
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -131,9 +144,9 @@ def seed_globals(*key, cuda=True):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """An image dataset whose sample (index, seed, epoch) is augmented with the generators seeded from that key,
-    in the main process or in any loader worker: a sample looks the same whatever the rank, the number of
-    workers or where the epoch was cut (a resumed run)."""
+    """An image dataset whose sample (index, seed, epoch) is augmented with the generators seeded
+    from that key, in the main process or in any loader worker: an image looks the same whatever
+    the rank, the number of workers or the step its epoch was resumed at."""
     def __init__(self, dataset):
         self.dataset = dataset
 
@@ -147,10 +160,10 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's epoch permutation (seed + epoch), this rank's every world_size-th sample, given
-    as (index, seed, epoch) keys: the key travels to the worker with the index, so the dataset holds no epoch
-    state (persistent workers see it too). The first `skip` samples are left out, never loaded: a run resumed
-    inside an epoch."""
+    """DistributedSampler's epoch permutation (seed + epoch), this rank's every world_size-th
+    sample, as (index, seed, epoch) keys: the key travels to the worker with the index, so the
+    dataset holds no epoch state (persistent workers see it too). The first `skip` samples are
+    left out, never loaded: a run resumed inside an epoch."""
     skip = 0
 
     def __iter__(self):
@@ -161,14 +174,17 @@ class EpochSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4, distributed=False, rank=0,
-                  world_size=1, seed=0, train_fraction=1.0, pin_memory=False):
-    """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to each batch."""
+def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
+                  distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
+                  pin_memory=False):
+    """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to
+    each batch."""
     if dataset not in DATASETS:
         raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
-    # iter() draws the workers' base seeds from it, not from the global RNG (augmentation uses SeededSamples)
+    # iter() draws the workers' base seeds from it, not from the global RNG; augmentation does not
+    # use them (SeededSamples)
     generator = torch.Generator().manual_seed(seed)
     if dataset == 'digits':
         train_set, val_set = _digits_datasets(img_size, train_fraction)
@@ -176,26 +192,31 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     else:
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
         train_set = SeededSamples(train_set)
-    # one process is a world of size 1: the epoch's permutation is the same for any number of processes, and rank r
-    # takes every world_size-th sample, so a step of N processes sees the samples one process would in one batch
-    train_sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
-    val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards, no padding
-    # drop_last: FOFA keeps per-sample feedback from the previous batch, the batch size must not change
+    # one process is a world of size 1: the epoch's permutation is the same for any number of
+    # processes, and rank r takes every world_size-th sample, so a step of N processes sees the
+    # samples one process would in one batch
+    train_sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=seed,
+                                 drop_last=True)
+    val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards
+    # drop_last: FOFA keeps per-sample feedback from the previous batch: the batch size is fixed
     kw = dict(num_workers=workers, pin_memory=pin_memory)
-    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True, generator=generator, **kw)
-    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, **kw)  # no grad: 4x the batch
+    train_loader = DataLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
+                              generator=generator, **kw)
+    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, **kw)  # no grad: 4x
     if len(train_loader) == 0:
-        raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than --batch-size {batch_size}: "
-                         "lower the batch size.")
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch', label_smoothing=0.1,
-                  num_classes=num_classes(dataset, data_dir)) if recipe == 'vit' else None  # soft, smoothing folded in
+        raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than "
+                         f"--batch-size {batch_size}: lower the batch size.")
+    mixup = None
+    if recipe == 'vit':  # soft targets, label smoothing folded in
+        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
+                      label_smoothing=0.1, num_classes=num_classes(dataset, data_dir))
     return train_loader, val_loader, mixup
 
 
 def set_epoch(loader, epoch, seed, step=0):
-    """The epoch's sample order and every sample's augmentation, a function of (seed, epoch) only, starting at
-    `step` (the batches before it are not loaded): resuming at any step is bit-exact. The global RNGs (Mixup's
-    draws, dropout) are train.py's to seed at each step (seed_globals(seed, epoch, step, rank))."""
+    """The epoch's sample order and every image's augmentation, a function of (seed, epoch) only,
+    from `step` on (the batches before it are not loaded): a resumed run is bit-exact. The global
+    RNGs (Mixup's draws, dropout) are seeded by train.py at every step (seed_globals)."""
     loader.sampler.seed = seed
     loader.sampler.set_epoch(epoch)  # same permutation on all ranks, disjoint shards
     loader.sampler.skip = step * loader.batch_size

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 import data
 import models
@@ -27,7 +26,7 @@ def accuracy(args):
     train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
     nc, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset] or (None, None)
     try:
-        net = train.create(args.model, nc, norm, args.ckpt)  # a file, PATH:ema, or 'timm' (ImageNet weights)
+        net = models.create(args.model, nc, args.ckpt, *norm)  # a file, PATH:ema, or 'timm' (ImageNet weights)
     except ValueError as e:
         raise SystemExit(str(e))
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -39,34 +38,36 @@ def accuracy(args):
     return top1, top5
 
 
-COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], float)  # viridis
-
-
 def draw_attention(args):
-    """RAA's attention over a validation batch, averaged over images and heads: row = query, column = key, both in
-    (stage, patch) order, stage boundaries in white. Needs the last.pt of a FOFA run (it holds RAA's weights)."""
-    ck = train.read_checkpoint(args.ckpt, '--ckpt')
+    """RAA's attention (Eq. 4) of a FOFA run's last.pt, mean over a validation batch and heads."""
+    ck = models.read_checkpoint(args.ckpt, '--ckpt')
     run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
     vars(run).update(ck.get('args', {}))
-    if getattr(run, 'method', None) != 'fofa' or getattr(run, 'no_raa', True) or 'model' not in ck:
-        raise SystemExit(f'{args.ckpt} is not the last.pt of a FOFA run with RAA: --attn needs its RAA weights.')
-    run.teacher_ckpt = None  # RAA only sees the student; the teacher's architecture fixes the aligners' shapes
+    if run.method != 'fofa' or getattr(run, 'no_raa', False) or 'model' not in ck:  # no_raa: old
+        raise SystemExit(f'{args.ckpt} is not the last.pt of a FOFA run with RAA: --attn needs it.')
+    run.teacher_ckpt = None  # RAA sees the student only; the teacher's architecture fixes shapes
     model = train.build(run, data.num_classes(run.dataset, run.data_dir)).eval()
     model.load_state_dict(ck['model'])
-    _, val_loader, _ = data.build_loaders(run.dataset, run.data_dir, run.img_size, args.batch_size, workers=0)
+    val = data.build_loaders(run.dataset, run.data_dir, run.img_size, args.batch_size, workers=0)[1]
     model.raa.keep_attn = True
     with torch.no_grad():
-        model.raa(model.student(next(iter(val_loader))[0])[1])
-    attn = model.raa.attn.mean((0, 1))  # (N_q, N_q)
-    n, cell = attn.shape[0], max(1, 512 // attn.shape[0])
-    v = ((attn - attn.min()) / (attn.max() - attn.min() + 1e-12)).numpy() * (len(COLORS) - 1)  # min-max contrast
-    rgb = np.stack([np.interp(v, range(len(COLORS)), c) for c in COLORS.T], -1)  # linear between the colours
-    img = np.kron(rgb, np.ones((cell, cell, 1)))
-    for b in range(1, 4):  # stage boundaries
-        img[b * n // 4 * cell - 1, :] = img[:, b * n // 4 * cell - 1] = 255
-    os.makedirs(os.path.dirname(os.path.abspath(args.attn)), exist_ok=True)
-    Image.fromarray(img.astype(np.uint8)).save(args.attn)
-    print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries in 4 stages')
+        model.raa(model.student(next(iter(val))[0])[1])
+    attn = model.raa.attn.mean((0, 1)).numpy()  # (N_q, N_q): N_q / 4 queries per stage
+    from matplotlib.figure import Figure  # here only: training never imports matplotlib; Agg draws
+    ax, n = Figure(figsize=(6.4, 5.4), layout='constrained').subplots(), len(attn)
+    shown = ax.imshow(attn, extent=(0, n, n, 0), interpolation='nearest')  # token i: [i, i + 1]
+    ax.figure.colorbar(shown, label='attention weight (mean over images and heads)')
+    centres, stages = [(s + 0.5) * n / 4 for s in range(4)], [f'stage {s}' for s in range(1, 5)]
+    ax.set(xticks=centres, xticklabels=stages, yticks=centres, yticklabels=stages,
+           xlabel='key (student stage, patch)', ylabel='query (student stage, patch)',
+           title=f'RAA attention: {run.teacher} -> {run.student}\n$N_q$ = {n}, {run.dataset}, '
+                 f'epoch {ck.get("epoch", "?")}')
+    ax.hlines([n / 4, n / 2, 3 * n / 4], 0, n, colors='white', linewidth=1)  # stage boundaries
+    ax.vlines([n / 4, n / 2, 3 * n / 4], 0, n, colors='white', linewidth=1)
+    os.makedirs(os.path.dirname(os.path.abspath(args.attn)), exist_ok=True)  # --attn a/new/x.png
+    ax.figure.savefig(args.attn, dpi=120)
+    print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries, 4 stages')
+    return attn
 
 
 def load_runs(root):
@@ -133,33 +134,44 @@ def summarize(root, comparisons=()):
     return runs
 
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (90, 90, 200), (255, 187, 120),
-           (152, 223, 138), (128, 0, 0), (0, 128, 128)]
+ROLES = {'ladder': ('ce', 'kd', 'fitnet', 'raa', 'afp_nofeedback', 'fofa'),
+         'baselines': ('ce', 'kd', 'ofa', 'dkd', 'fbt', 'hcd', 'fofa')}  # then hypotheses: fofa_*
+COLORS = {c: f'C{i}' for i, c in enumerate(dict.fromkeys(ROLES['ladder'] + ROLES['baselines']))}
+COLORS['fofa'] = 'black'  # the method itself, in every row
 
 
-def curves(root, png, w=520, h=360, pad=40):
-    """Test top-1 per epoch, mean over seeds, one line per config and one panel per pair, into a PNG (Pillow)."""
+def curves(root, png):
+    """Test top-1 per epoch, mean over seeds (line) and min to max (band): a row of panels per
+    role (ROLES, then fofa and fofa_*), a column per pair. Returns {role: configs with runs}."""
     runs = load_runs(root)[0]
-    rows = max(-(-len(configs) // 3) for configs in runs.values())  # legend lines, under the panels
-    img = Image.new('RGB', (w * len(runs), h + 12 * rows), 'white')
-    draw = ImageDraw.Draw(img)
-    for k, (pair, configs) in enumerate(sorted(runs.items())):
-        x0, epochs = k * w + pad, max(r[-1]['epoch'] for seeds in configs.values() for r in seeds.values())
-        to_xy = lambda e, acc: (x0 + (w - 2 * pad) * (e - 1) / max(epochs - 1, 1), h - pad - (h - 2 * pad) * acc / 100)
-        draw.rectangle([x0, pad, x0 + w - 2 * pad, h - pad], outline='black')
-        draw.text((x0, 8), f'{pair.replace("-", " -> ")}: test top-1 (%) per epoch, mean over seeds', fill='black')
-        for acc in range(0, 101, 20):
-            draw.text((x0 - 25, to_xy(1, acc)[1] - 5), str(acc), fill='gray')
-        draw.text((x0 + w - 2 * pad - 30, h - pad + 5), f'{epochs} ep', fill='gray')
-        for j, (c, seeds) in enumerate((c, seeds) for c, seeds in configs.items() if seeds):
-            top1 = [{e['epoch']: e['top1'] for e in r if e['top1'] is not None} for r in seeds.values()]
-            tested = sorted(set.intersection(*map(set, top1)))  # epochs tested in every seed (--eval-every)
-            mean = [(e, statistics.mean(t[e] for t in top1)) for e in tested]
-            draw.line([to_xy(e, a) for e, a in mean], fill=PALETTE[j % len(PALETTE)], width=2)
-            draw.text((x0 + 150 * (j % 3), h - pad + 18 + 12 * (j // 3)), c, fill=PALETTE[j % len(PALETTE)])
-    img.save(png)
-    print(f'{png}: curves of {sum(len(c) for c in runs.values())} configs in {len(runs)} pairs')
+    ran = {c for configs in runs.values() for c, seeds in configs.items() if seeds}
+    roles = {**ROLES, 'hypotheses': ['fofa'] + sorted(c for c in ran if c.startswith('fofa_'))}
+    roles = {role: [c for c in cs if c in ran] for role, cs in roles.items() if ran & set(cs)}
+    from matplotlib.figure import Figure  # here only: training never imports matplotlib; Agg draws
+    fig = Figure(figsize=(4.2 * len(runs) + 1.8, 3.2 * len(roles)), layout='constrained')
+    axes = fig.subplots(len(roles), len(runs), squeeze=False, sharex='col', sharey='col')
+    for row, (role, configs) in zip(axes, roles.items()):
+        for ax, (pair, of_pair) in zip(row, sorted(runs.items())):
+            for c in (c for c in configs if of_pair.get(c)):
+                top1 = [{e['epoch']: e['top1'] for e in r if e['top1'] is not None}
+                        for r in of_pair[c].values()]
+                tested = sorted(set.intersection(*map(set, top1)))  # tested in every seed
+                accs = np.array([[t[e] for e in tested] for t in top1])  # (seeds, epochs)
+                color = COLORS.get(c) or f'C{configs.index(c) % 10}'  # hypotheses
+                ax.plot(tested, accs.mean(0), color=color, lw=2 if c == 'fofa' else 1.2, label=c)
+                ax.fill_between(tested, accs.min(0), accs.max(0), color=color, alpha=0.15, lw=0)
+            ax.set_title(f'{role}: {pair.replace("-", " -> ")}', fontsize=10)
+            ax.grid(alpha=0.3)
+        handles = {label: h for ax in row for h, label in zip(*ax.get_legend_handles_labels())}
+        row[-1].legend([handles[c] for c in configs], configs, loc='center left',
+                       bbox_to_anchor=(1, 0.5))  # right of the row
+    fig.supxlabel('epoch')
+    fig.supylabel('test top-1 (%)')
+    fig.suptitle('Test top-1 per epoch\nline: mean over seeds, band: min to max over seeds')
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    fig.savefig(png, dpi=110)
+    print(f'{png}: curves of {len(ran)} configs in {len(runs)} pairs, rows {", ".join(roles)}')
+    return roles
 
 
 def main(argv=None):
@@ -182,6 +194,7 @@ def main(argv=None):
         root = train.check_path('--summarize', args.summarize, 'runs directory')
         if any(c.count(':') != 1 for c in args.paired):
             raise SystemExit('--paired takes configs in pairs, A:B (e.g. raa:fitnet).')
+        train.check_path('--curves', args.curves, 'PNG file', new=True)
         return curves(root, args.curves) if args.curves else summarize(root, args.paired)
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')

@@ -1,27 +1,27 @@
-"""FOFA: feature-based one-for-all distillation (region-aware attention + adaptive feedback prompts).
-FOFA(student, teacher, img_size)(images in [0, 1], labels) -> (student logits, {loss: scalar, 'total'}), student and
-teacher being models.Staged: a module for any training loop (README, Use fofa.py in your own loop)."""
+"""FOFA: feature-based one-for-all distillation (region-aware attention, adaptive feedback prompts).
+FOFA(student, teacher, img_size)(images in [0, 1], labels) -> (student logits, {loss: scalar,
+'total'}), student and teacher being models.Staged: a module for any training loop (README)."""
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from losses import afp_reg, hcl, kd
 
 
 class Distiller(nn.Module):
-    """A student trained with CE, plus loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}, each term
-    weighted by alpha (default: KD), against a frozen teacher if given. The teacher is not a submodule: it stays out
-    of .parameters(), state_dict() and DDP and always runs in eval mode; .to()/.cuda()/.half() still move it."""
+    """A student trained with CE, plus loss(logits, t_logits, targets, feats, t_feats) -> {term:
+    scalar} (default: KD), each term weighted by alpha, against a frozen teacher if given.
+    The teacher is not a submodule: it stays out of .parameters(), state_dict() and DDP and always
+    runs in eval mode; .to()/.cuda()/.half() still move it."""
 
     def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__()
         self.student, self.label_smoothing, self.alpha = student, label_smoothing, alpha
         self.loss = loss or (lambda s, t, *_: {'kd': kd(s, t, kd_t)})  # Eq. 1
         self.weights = {'ce': 1.0}
-        self.ramps = {}  # term -> share of the run over which its weight rises linearly from 0 (a warm-up)
+        self.ramps = {}  # term -> share of the run over which its weight rises from 0 (a warm-up)
         self.progress = 1.0  # share of the run done, set by the training loop before each step
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -33,26 +33,28 @@ class Distiller(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, images, targets):
-        """targets: class indices or soft targets (mixup). Returns (student logits, {loss name: scalar, 'total'})."""
+        """targets: class indices or soft targets (mixup). Returns (student logits, {loss name:
+        scalar, 'total'})."""
         logits, feats = self.student(images)
-        losses = {'ce': F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)}
+        logits32 = logits.float()
+        losses = {'ce': F.cross_entropy(logits32, targets, label_smoothing=self.label_smoothing)}
         if self.teacher is not None:
             with torch.no_grad():
                 t_logits, t_feats = self.teacher(images)
-            losses.update(self.distill(images, targets, logits.float(), feats, t_logits.float(), t_feats))
+            losses |= self.distill(images, targets, logits32, feats, t_logits.float(), t_feats)
         losses['total'] = sum(self.weight(k) * v for k, v in losses.items())
         return logits, losses
 
     def weight(self, term):
-        """The term's weight (default alpha) times min(progress / ramp, 1) if it has a warm-up ramp."""
+        """The term's weight (default alpha), times min(progress / ramp, 1) if it has a ramp."""
         ramp = self.ramps.get(term, 0.0)
-        return self.weights.get(term, self.alpha) * (min(self.progress / ramp, 1.0) if ramp else 1.0)
+        return self.weights.get(term, self.alpha) * (min(self.progress / ramp, 1.0) if ramp else 1)
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         return self.loss(logits, t_logits, targets, feats, t_feats)
 
     def extra_evals(self):
-        """{name: fn(images) -> (logits, ...)}: other models to test each epoch, logged as <name>_top1."""
+        """{name: fn(images) -> (logits, ...)}: other models to test each epoch, as <name>_top1."""
         return {}
 
 
@@ -63,7 +65,7 @@ class Patchify(nn.Module):
         super().__init__()
         c, h, w = shape
         self.k = (math.ceil(h / grid), math.ceil(w / grid))
-        self.size = (self.k[0] * grid, self.k[1] * grid)  # maps smaller than the grid needs are upsampled first
+        self.size = (self.k[0] * grid, self.k[1] * grid)  # smaller maps are upsampled first
         self.proj = nn.Conv2d(c, dim, self.k, self.k)
 
     def forward(self, x):
@@ -73,12 +75,14 @@ class Patchify(nn.Module):
 
 
 class Aligner(nn.Module):
-    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W): LayerNorm, a channel and a learned spatial map."""
+    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W): LayerNorm, a channel and a
+    learned spatial map."""
 
     def __init__(self, dim, tokens, shape):
         super().__init__()
         self.shape, self.norm = shape, nn.LayerNorm(dim)
-        self.channels, self.spatial = nn.Linear(dim, shape[0]), nn.Linear(tokens, shape[1] * shape[2])
+        self.channels = nn.Linear(dim, shape[0])
+        self.spatial = nn.Linear(tokens, shape[1] * shape[2])
 
     def forward(self, t):
         x = self.channels(self.norm(t)).transpose(1, 2)  # (B, C_t, grid^2)
@@ -86,30 +90,33 @@ class Aligner(nn.Module):
 
 
 class RAA(nn.Module):
-    """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then per-stage aligners.
-    attention=False leaves only patchify + aligners: the FitNet baseline of Table 4."""
+    """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then
+    per-stage aligners. attention=False leaves only patchify + aligners: the FitNet baseline of
+    Table 4 (NOTES.md, RAA)."""
 
     def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True):
         super().__init__()
         grid = math.isqrt(nq // 4)
         if nq < 4 or 4 * grid * grid != nq:
-            raise ValueError(f'N_q must be 4*k*k so that each of the 4 stages is a k x k grid (36, 64, 100, 144...); '
-                             f'got {nq}')
+            raise ValueError('N_q must be 4*k*k so that each of the 4 stages is a k x k grid (36, '
+                             f'64, 100, 144...); got {nq}')
         if dim % heads:
             raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
         self.heads, self.attention, self.keep_attn, self.attn = heads, attention, False, None
         self.patchify = nn.ModuleList(Patchify(s, grid, dim) for s in student_shapes)
         self.align = nn.ModuleList(Aligner(dim, grid * grid, t) for t in teacher_shapes)
         if attention:
-            self.pos = nn.Parameter(torch.zeros(1, nq, dim))  # one embedding per (stage, patch) slot
+            self.pos = nn.Parameter(torch.zeros(1, nq, dim))  # one per (stage, patch) slot
             nn.init.trunc_normal_(self.pos, std=0.02)
-            self.norm, self.qk, self.v = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+            self.norm, self.qk = nn.LayerNorm(dim), nn.Linear(dim, 2 * dim)
+            self.v = nn.Linear(dim, dim)  # after qk: optimizer states index parameters in order
 
     def forward(self, feats):
-        tokens = torch.cat([p(f) for p, f in zip(self.patchify, feats)], 1)  # Eq. 3: F^S, (B, N_q, d)
+        tokens = torch.cat([p(f) for p, f in zip(self.patchify, feats)], 1)  # Eq. 3: (B, N_q, d)
         if self.attention:
             h = self.norm(tokens)
-            q, k = self.qk(h + self.pos).unflatten(-1, (2, self.heads, -1)).permute(2, 0, 3, 1, 4)
+            qk = self.qk(h + self.pos).unflatten(-1, (2, self.heads, -1))
+            q, k = qk.permute(2, 0, 3, 1, 4)
             v = self.v(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)
             if self.keep_attn:  # explicit softmax so the map can be drawn (eval.py --attn)
                 attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
@@ -121,83 +128,82 @@ class RAA(nn.Module):
 
 
 class SE(nn.Module):
-    """Squeeze-excitation. replace=True (the official block, AFP's default) returns the gate itself: every layer after
-    it runs on a 1x1 map and the prompt is a per-sample, per-channel bias; replace=False gates the feature."""
+    """The official squeeze-excitation block: it returns its gate, not the gated feature, so the
+    layers after it run on a 1x1 map and AFP's prompt is a per-sample, per-channel bias."""
 
-    def __init__(self, c, replace=False):
+    def __init__(self, c):
         super().__init__()
-        hidden, self.replace = max(c // 16, 8), replace
-        self.fc = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, c, 1), nn.Sigmoid())
+        hidden = max(c // 16, 8)
+        self.fc = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True),
+                                nn.Conv2d(hidden, c, 1), nn.Sigmoid())
 
     def forward(self, x):
-        gate = self.fc(x.mean((2, 3), keepdim=True))
-        return gate if self.replace else x * gate
+        return self.fc(x.mean((2, 3), keepdim=True))
 
 
 def conv_chain_mean(convs, *parts):
-    """The spatial mean, (B, C, 1, 1), of convs(cat(parts)) for convs = 1x1, k x k (zero padding, stride 1), 1x1
-    with nothing non-linear between them: all the official SE keeps of them. Exact (float rounding aside): per tap of
-    the k x k conv, the sum of the input over the positions it reads, by two small matmuls, not full-size convs."""
+    """Equals c(b(a(torch.cat(parts, 1)))).mean((2, 3), keepdim=True) for convs = (a, b, c).
+    a and c are 1x1, b is k x k (zero padding k // 2, stride 1), nothing non-linear between them:
+    the spatial mean is all the official SE keeps of them. Per tap of b, the sum of the input over
+    the positions it reads, by two small matmuls instead of full-size convs."""
     a, b, c = convs
     k, (h, w) = b.kernel_size[0], parts[0].shape[-2:]
-    assert a.kernel_size == c.kernel_size == (1, 1) and b.stride == (1, 1) and b.padding == (k // 2, k // 2)
+    assert a.kernel_size == c.kernel_size == (1, 1) and b.stride == (1, 1)
+    assert b.padding == (k // 2, k // 2)
 
     def reads(n):  # (n, k): line r is read by tap i iff output line r - i + k // 2 exists
-        y = torch.arange(n, device=parts[0].device)[:, None] - torch.arange(k, device=parts[0].device) + k // 2
+        lines = torch.arange(n, device=parts[0].device)[:, None]
+        y = lines - torch.arange(k, device=parts[0].device) + k // 2
         return ((y >= 0) & (y < n)).to(parts[0].dtype)
     rh, rw = reads(h), reads(w)
-    taps = torch.cat([rh.t() @ (u @ rw) for u in parts], 1)  # (B, C, k, k); a's bias counts once per position read
-    z = F.conv2d(taps, a.weight, groups=a.groups) + a.bias[:, None, None] * torch.outer(rh.sum(0), rw.sum(0))
+    taps = torch.cat([rh.t() @ (u @ rw) for u in parts], 1)  # (B, C, k, k)
+    positions = torch.outer(rh.sum(0), rw.sum(0))  # a's bias counts once per position read
+    z = F.conv2d(taps, a.weight, groups=a.groups) + a.bias[:, None, None] * positions
     return c(F.conv2d(z, b.weight, groups=b.groups) / (h * w) + b.bias[:, None, None])
 
 
 class AFP(nn.Module):
-    """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback, x))), feedback =
-    M(F_S) - F_T' of the previous iteration (buffer). beta starts at 0: the prompted teacher starts as the teacher."""
+    """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback,
+    x))), feedback = M(F_S) - F_T' of the previous iteration (a buffer). beta starts at 0: the
+    prompted teacher starts as the teacher. PB and FB keep the official SE, so the prompt is a
+    per-channel bias computed from spatial means (NOTES.md, AFP prompt)."""
 
-    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw', prompt='channel'):
+    def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw'):
         super().__init__()
-        self.channel = prompt == 'channel'
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
         # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
-        self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g), nn.Conv2d(c, c, 5, padding=2, groups=c),
-                                    nn.Conv2d(c, c, 1), SE(c, self.channel), nn.Conv2d(c, c, 1, groups=g))
+        self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g),
+                                    nn.Conv2d(c, c, 5, padding=2, groups=c), nn.Conv2d(c, c, 1),
+                                    SE(c), nn.Conv2d(c, c, 1, groups=g))
         self.beta = nn.Parameter(torch.zeros(1))
         if use_feedback:
-            # feedback from the stage output back to the stage input's channels (resized in forward)
+            # feedback from the stage output back to the stage input's channels (resized later)
             self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
-            # FB: 1x1, 5x5, 1x1, SE, 1x1; the 5x5 is depthwise ('dw') or, as official, full: +2.6 ConvNeXt-T forwards
-            # of FLOPs per step at 224 px (README, Speed and memory)
+            # FB: 1x1, 5x5, 1x1, SE, 1x1; the 5x5 is depthwise ('dw') or full, as official
             groups = {'dw': c, 'full': 1}[fusion]
-            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1), nn.Conv2d(c, c, 5, padding=2, groups=groups),
-                                        nn.Conv2d(c, c, 1), SE(c, self.channel), nn.Conv2d(c, c, 1))
+            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1),
+                                        nn.Conv2d(c, c, 5, padding=2, groups=groups),
+                                        nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1))
             self.register_buffer('feedback', torch.zeros(0))
 
     def forward(self, x):
-        fb = None
-        if self.use_feedback:
-            fb = self.feedback
-            if not fb.numel():  # first step: zero feedback, same parameters
-                fb = x.new_zeros(x.shape[0], *self.out_shape)
-            elif fb.shape[0] != x.shape[0]:  # a batch of another size (the last test batch): rows reused in turn
-                fb = fb[torch.arange(x.shape[0], device=fb.device) % fb.shape[0]]
-        if torch.is_grad_enabled() and not self.channel:  # recompute the spatial prompt's cheap convs in backward:
-            return checkpoint(self.prompted, x, fb, use_reentrant=False)  # memory: README, Speed and memory
-        return self.prompted(x, fb)
+        x_in = x
+        if self.use_feedback:  # Eq. 6: FB(Concat(Feedback, F^T)), here (B, C, 1, 1)
+            x_in = self.fusion[3:](conv_chain_mean(self.fusion[:3], self.resized_feedback(x), x))
+        return x + self.beta * self.prompt[3:](conv_chain_mean(self.prompt[:3], x_in))
 
-    def prompted(self, x, fb):
-        if fb is not None:  # the previous iteration's gap, at this stage input's channels and size
-            fb = self.fb_align(fb.to(x.dtype))
-            if fb.shape[-2:] != x.shape[-2:]:
-                fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
-        if self.channel:  # official SE: a branch reaches the prompt only through the mean of its first three convs
-            x_in = x if fb is None else self.fusion[3:](conv_chain_mean(self.fusion[:3], fb, x))  # Eq. 6: (B, C, 1, 1)
-            return x + self.beta * self.prompt[3:](conv_chain_mean(self.prompt[:3], x_in))
-        # the spatial branches run channels_last: oneDNN's depthwise-conv weight gradients are 5-20x faster so on CPU
-        cl = lambda t: t.contiguous(memory_format=torch.channels_last)
-        x_in = cl(x) if fb is None else self.fusion(torch.cat([cl(fb), cl(x)], 1))  # Eq. 6: FB(Concat(Feedback, F^T))
-        return x + self.beta * self.prompt(x_in)
+    def resized_feedback(self, x):
+        """The previous iteration's gap at the channels and size of this stage input x."""
+        fb = self.feedback
+        if not fb.numel():  # first step: zero feedback, same parameters
+            fb = x.new_zeros(x.shape[0], *self.out_shape)
+        elif fb.shape[0] != x.shape[0]:  # another batch size (the last test batch): rows in turn
+            fb = fb[torch.arange(x.shape[0], device=fb.device) % fb.shape[0]]
+        fb = self.fb_align(fb.to(x.dtype))
+        if fb.shape[-2:] != x.shape[-2:]:
+            fb = F.interpolate(fb, size=x.shape[-2:], mode='nearest')
+        return fb
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + 'feedback'  # the buffer's shape depends on the batch: take the checkpoint's
@@ -207,40 +213,43 @@ class AFP(nn.Module):
 
 
 class FOFA(Distiller):
-    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of HCL(M_i(F_S), F'_T,i)
-    (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T') (Eq. 7). afp_stages: any subset of 1-4
-    (empty: the plain teacher's features are the targets). raa=False: FitNet. prompt='spatial': an SE that gates a
-    spatial prompt instead of the official channel bias (README). Under DDP use broadcast_buffers=False."""
+    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of
+    HCL(M_i(F_S), F'_T,i) (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T')
+    (Eq. 7). afp_stages: any subset of 1-4 (empty: the plain teacher's features are the targets).
+    raa=False: FitNet. recompute: teacher stages (1-4) whose prompted pass runs again in backward
+    (memory). Under DDP use broadcast_buffers=False (NOTES.md, Feedback under DDP)."""
 
-    def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4), feedback=True,
-                 raa=True, fusion='dw', prompt='channel', recompute=(), alpha=1.0, beta=1.0, gamma=1.0, kd_t=1.0,
-                 label_smoothing=0.0):
+    def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4),
+                 feedback=True, raa=True, fusion='dw', recompute=(), alpha=1.0, beta=1.0,
+                 gamma=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
             raise ValueError(f'AFP stages must be among 1, 2, 3, 4; got {sorted(afp_stages)}')
         _, s_out = student.shapes(img_size)
         t_in, t_out = teacher.shapes(img_size)
         self.raa = RAA(s_out, t_out, nq, dim, heads, attention=raa)
-        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion, prompt)
+        self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion)
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
-        self.recompute = [i - 1 for i in recompute]  # stages whose prompted pass is run again in backward (memory)
+        self.recompute = [i - 1 for i in recompute]
 
-    def prompted_teacher(self, images):  # the teacher with the current prompts and feedback: (logits, feats)
+    def prompted_teacher(self, images):
+        """The teacher with the current prompts and feedback: (logits, feats)."""
         return self.teacher(images, {int(i): afp for i, afp in self.afp.items()}, self.recompute)
 
-    def extra_evals(self):  # the prompted teacher with this run's current feedback (README, Evidence)
+    def extra_evals(self):  # the prompted teacher with this run's current feedback
         return {'prompted_teacher': self.prompted_teacher} if len(self.afp) else {}
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         aligned = self.raa(feats)
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # Eq. 1 against the plain teacher
+        # Eq. 1 against the plain teacher
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
         if len(self.afp):
-            tp_logits, t_feats = self.prompted_teacher(images)  # the prompted pass: gradients reach the prompts
+            tp_logits, t_feats = self.prompted_teacher(images)  # gradients reach the prompts
             losses['reg'] = afp_reg(tp_logits.float(), t_logits)  # Eq. 7
-        losses['fd'] = sum(hcl(a.float(), t.float()) for a, t in zip(aligned, t_feats))  # Eq. 2 with D = HCL
+        losses['fd'] = sum(hcl(a.float(), t.float()) for a, t in zip(aligned, t_feats))  # Eq. 2
         with torch.no_grad():
-            for i, afp in self.afp.items():  # Eq. 5: this iteration's gap is the next iteration's feedback
-                if afp.use_feedback:  # a new tensor, not an in-place copy: this step's graph still uses the old one
+            for i, afp in self.afp.items():  # Eq. 5: this iteration's gap, the next one's feedback
+                if afp.use_feedback:  # a new tensor: this step's graph still uses the old one
                     afp.feedback = (aligned[int(i)] - t_feats[int(i)]).float()
         return losses

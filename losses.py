@@ -1,24 +1,25 @@
-"""Distillation losses on logits and feature maps. Every function takes float32 tensors and returns a scalar."""
+"""Distillation losses on logits and feature maps: float32 tensors in, a scalar out (NOTES.md,
+Losses). The baselines' inputs may be bf16 under autocast: each casts to float32 first."""
 import torch
 import torch.nn.functional as F
 
 
 def kd(student_logits, teacher_logits, T=1.0):
     """Eq. 1: KL(p_T || p_S) at temperature T, mean over the batch, times T^2 (Hinton et al.)."""
-    return F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits / T, -1),
-                    reduction='batchmean', log_target=True) * T * T
+    s, t = F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits / T, -1)
+    return F.kl_div(s, t, reduction='batchmean', log_target=True) * T * T
 
 
 def afp_reg(prompted_logits, teacher_logits):
-    """Eq. 7: KL(p_T || p_T'), keeps the prompted teacher's predictions on the plain teacher's (T = 1)."""
+    """Eq. 7: KL(p_T || p_T'), keeps the prompted teacher's predictions on the teacher's (T = 1)."""
     return kd(prompted_logits, teacher_logits.detach(), 1.0)
 
 
 def hcl(fs, ft):
-    """Hierarchical context loss (ReviewKD's hcl, https://github.com/dvlab-research/ReviewKD): MSE of the maps plus
-    MSE of their 4x4, 2x2 and 1x1 average pools. Each level below the map's height is used, and each used level
-    weighs half the one before (1/2, then 1/4, 1/8); the sum is divided by the sum of the weights used.
-    Pooling is linear, so pool(fs) - pool(ft) = pool(fs - ft): the difference is pooled once."""
+    """Hierarchical context loss (ReviewKD's hcl, https://github.com/dvlab-research/ReviewKD):
+    MSE of the maps plus MSE of their 4x4, 2x2 and 1x1 average pools. Each level below the map's
+    height is used, each used level weighs half the one before (1/2, then 1/4, 1/8), and the sum
+    is divided by the sum of the weights. Pooling is linear: the difference is pooled once."""
     d = fs - ft
     loss, weight, total = d.pow(2).mean(), 1.0, 1.0
     for level in (4, 2, 1):
@@ -29,18 +30,19 @@ def hcl(fs, ft):
     return loss / total
 
 
-# ---- Baselines (Sec. 4 comparisons). Inputs may be bf16 under autocast, so each casts to float32 first. ----
-# CRD is left out: it needs a memory bank of embeddings for the whole training set, which does not fit a pure function.
+# ---- Baselines (Sec. 4 comparisons). CRD is left out: its memory bank of embeddings for the
+# whole training set does not fit a pure function.
 
 
 def dkd_parts(logits_s, logits_t, target, T=4.0):
-    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), with b_T the teacher's
-    target probability, so that KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: the target column dropped)."""
+    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), b_T
+    the teacher's target probability: KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: the target
+    column dropped)."""
     s, t = logits_s.float() / T, logits_t.float() / T
     B, C = s.shape
     gt = F.one_hot(target, C).bool()
     s_nt, t_nt = s[~gt].view(B, C - 1), t[~gt].view(B, C - 1)
-    # log of the binary distribution [p_target, 1 - p_target], from log-sum-exps (stable, no log(1 - p))
+    # log of the binary distribution [p_target, 1 - p_target], from log-sum-exps (no log(1 - p))
     bin_s = torch.stack([s[gt], s_nt.logsumexp(-1)], -1) - s.logsumexp(-1, keepdim=True)
     bin_t = torch.stack([t[gt], t_nt.logsumexp(-1)], -1) - t.logsumexp(-1, keepdim=True)
     tckd = (bin_t.exp() * (bin_t - bin_s)).sum(-1)
@@ -50,28 +52,29 @@ def dkd_parts(logits_s, logits_t, target, T=4.0):
 
 
 def dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, T=4.0):
-    """DKD loss (alpha * TCKD + beta * NCKD) * T^2, batch mean; target: class indices. Defaults: the paper's CIFAR-100
-    setting (the OFA/PAT code's alpha 1, beta 2, T 1 were for a class that raised AttributeError)."""
+    """DKD loss (alpha * TCKD + beta * NCKD) * T^2, batch mean; target: class indices. Defaults:
+    the paper's CIFAR-100 setting (NOTES.md, DKD)."""
     tckd, nckd, _ = dkd_parts(logits_s, logits_t, target, T)
     return (alpha * tckd + beta * nckd).mean() * T * T
 
 
-def _pearson_rows(a, b, eps=1e-8):
-    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
-    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(eps)
-
-
 def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
-    """DIST (Huang et al., NeurIPS'22) Eq. 4-7: beta*(1 - mean Pearson over samples, i.e. rows of p) +
-    gamma*(1 - mean Pearson over classes, i.e. columns of p), p = softmax(logits / tau), times tau^2."""
+    """DIST (Huang et al., NeurIPS'22) Eq. 4-7: beta * (1 - mean Pearson over samples, the rows
+    of p) + gamma * (1 - mean Pearson over classes, its columns), p = softmax(logits / tau),
+    times tau^2. Pearson = the cosine of the centred vectors."""
     ps, pt = F.softmax(logits_s.float() / tau, -1), F.softmax(logits_t.float() / tau, -1)
-    inter, intra = 1 - _pearson_rows(ps, pt).mean(), 1 - _pearson_rows(ps.t(), pt.t()).mean()
+
+    def pearson(a, b):  # per row
+        a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+        return F.cosine_similarity(a, b, -1, 1e-8)
+    inter, intra = 1 - pearson(ps, pt).mean(), 1 - pearson(ps.t(), pt.t()).mean()
     return (beta * inter + gamma * intra) * tau * tau
 
 
 def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
-    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S at temperature T (no T^2);
-    soft targets (mixup) give their argmax class, as in the official code. eps = 1: CE against p_T."""
+    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S at
+    temperature T (no T^2); soft targets (mixup) give their argmax class, as the official code.
+    eps = 1: CE against p_T."""
     s, t = logits_s.float(), logits_t.float()
     y = F.one_hot(target.argmax(-1) if target.dim() == 2 else target, s.shape[-1]).float()
     w = (F.softmax(t / T, -1) + y).pow(eps) - y
@@ -79,42 +82,49 @@ def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
 
 
 def info_nce(query, keys, log_scale):
-    """InfoNCE with in-batch negatives (FBT Eq. 3): CE over the batch's keys of cos(q_i, k_j) / tau, the positive k_i
-    on the diagonal. log_scale = log(1 / tau), learnable as in CLIP, whose cap of 100 on 1 / tau we keep."""
+    """InfoNCE with in-batch negatives (FBT Eq. 3): CE over the batch's keys of cos(q_i, k_j) /
+    tau, the positive k_i on the diagonal. log_scale = log(1 / tau), learnable as in CLIP, whose
+    cap of 100 on 1 / tau we keep."""
     q, k = F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1)
-    with torch.autocast(q.device.type, enabled=False):  # float32 similarities under bf16 autocast too
-        return F.cross_entropy(q @ k.t() * log_scale.float().exp().clamp(max=100), torch.arange(len(q), device=q.device))
+    with torch.autocast(q.device.type, enabled=False):  # float32 similarities under autocast too
+        scale = log_scale.float().exp().clamp(max=100)
+        return F.cross_entropy(q @ k.t() * scale, torch.arange(len(q), device=q.device))
 
 
 def orthogonality(sub_logits, target, theta=0.5):
-    """HCD's orthogonality loss on (B, n, K) sub-logits: mean over samples and pairs j != k of relu(cos - theta)^2,
-    the target column set to 0 first (not -1e6, which overflows fp16 and swamps every other column in bf16)."""
-    z = F.normalize(sub_logits.float().masked_fill(F.one_hot(target, sub_logits.shape[-1]).bool()[:, None], 0), dim=-1)
+    """HCD's orthogonality loss on (B, n, K) sub-logits: mean over samples and pairs j != k of
+    relu(cos - theta)^2, the target column set to 0 first (not -1e6, which overflows fp16 and
+    swamps every other column in bf16)."""
+    target_column = F.one_hot(target, sub_logits.shape[-1]).bool()[:, None]
+    z = F.normalize(sub_logits.float().masked_fill(target_column, 0), dim=-1)
     off = ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
-    cos = (z[:, :, None] * z[:, None]).sum(-1)  # (B, n, n); elementwise, so float32 under autocast too
+    cos = (z[:, :, None] * z[:, None]).sum(-1)  # (B, n, n); elementwise: float32 under autocast
     return F.relu(cos[:, off] - theta).pow(2).mean()
 
 
-def _pdist(e):
+def _pdist(e):  # pairwise distances over their off-diagonal mean
     off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off  # diagonal 0
-    return d / d[off].mean()  # pairwise distances over their off-diagonal mean
+    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off
+    return d / d[off].mean()
 
 
-def _angles(e):
+def _angles(e):  # cos of the angle at e_i between e_j and e_k
     v = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=-1)  # v[i, j] = unit(e_j - e_i)
-    return torch.einsum('ijd,ikd->ijk', v, v)  # cos of the angle at e_i between e_j and e_k
+    return torch.einsum('ijd,ikd->ijk', v, v)
 
 
 def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
-    """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each over its off-diagonal
-    mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and teacher dims may differ (B x B matrices)."""
+    """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each
+    over its off-diagonal mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and
+    teacher dims may differ (B x B matrices)."""
     s, t = emb_s.float(), emb_t.float()
-    return w_dist * F.smooth_l1_loss(_pdist(s), _pdist(t)) + w_angle * F.smooth_l1_loss(_angles(s), _angles(t))
+    angle = F.smooth_l1_loss(_angles(s), _angles(t))
+    return w_dist * F.smooth_l1_loss(_pdist(s), _pdist(t)) + w_angle * angle
 
 
 def cc(emb_s, emb_t):
-    """Correlation congruence (Peng et al., ICCV'19) Eq. 4: MSE of the B x B batch correlations, here the Gram of
-    L2-normalised embeddings (cosine) for the paper's Taylor-expanded RBF (a series in that cosine). Dims may differ."""
+    """Correlation congruence (Peng et al., ICCV'19) Eq. 4: MSE of the B x B batch correlations,
+    here the Gram of L2-normalised embeddings (cosine) for the paper's Taylor-expanded RBF (a
+    series in that cosine). Dims may differ."""
     s, t = F.normalize(emb_s.float(), dim=-1), F.normalize(emb_t.float(), dim=-1)
     return (s @ s.t() - t @ t.t()).pow(2).mean()

@@ -1,27 +1,25 @@
-"""Train a student with FOFA (or a baseline) from a frozen teacher. One process, one GPU, or many through torchrun.
+"""Train a student with FOFA (or a baseline) from a frozen teacher: one process, or many (torchrun).
 
-    python train.py --dataset digits --teacher convnext_mini --student vit_mini --epochs 30   # CPU, offline
-    torchrun --nproc_per_node 8 train.py --teacher convnext_t --student deit_t --dataset cifar100 --data-dir data
-    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 train.py ...          # and node_rank 1
+    python train.py --dataset digits --teacher convnext_mini --student vit_mini   # CPU, offline
+    torchrun --nproc_per_node 8 train.py --teacher convnext_t --student deit_t --dataset cifar100
+    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 train.py ...  # and 1
 
-Without --teacher-ckpt the teacher is first trained with --method ce and cached in --teacher-dir. Each epoch appends
-a line to <out>/log.jsonl and writes <out>/last.pt (all to resume) and best.pt, with a timm state_dict under 'student'.
-An epoch's data depend only on (seed, epoch): --resume redoes the interrupted one exactly.
+Without --teacher-ckpt the teacher is first trained here with --method ce and cached in
+--teacher-dir. Each epoch appends a line to <out>/log.jsonl and writes <out>/last.pt (all to
+resume) and best.pt, with a timm state_dict under 'student'. An epoch's data depend only on
+(seed, epoch): --resume redoes the interrupted one exactly.
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
 import pathlib
-import pickle
-import sys
+import resource
 import time
 from contextlib import nullcontext, suppress
 
-import huggingface_hub
-import safetensors.torch
-import timm
 import timm.optim
 import torch
 import torch.distributed as dist
@@ -30,268 +28,271 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import losses
 import models
 from baselines import FBT, HCD, OFA
 from fofa import FOFA, Distiller
-import losses
 
-# the official configs (notes section 6): CNN students get SGD, ViT/MLP students AdamW with mixup and RandAugment
-# warm-up is given as a share of the run: 3 and 20 epochs of the official 300
+# the official configs (NOTES.md, Recipes): CNN students get SGD, ViT/MLP students AdamW with
+# mixup and RandAugment; warm-up is a share of the run: 3 and 20 of the official 300 epochs
 RECIPES = {
-    'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=0.0, smoothing=0.1),
-    'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5, clip=5.0, smoothing=0.1),
+    'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=0.0),
+    'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5,
+                clip=5.0),
 }
-hard = lambda y: y.argmax(-1) if y.dim() == 2 else y  # mixup targets -> classes
-emb = lambda feats: feats[-1].float().mean((2, 3))  # pooled last stage, for the relational losses
-common = lambda a: dict(alpha=a.alpha, kd_t=a.kd_t, label_smoothing=a.smoothing)  # what every distiller takes
-pure = lambda loss: lambda a, s, t, n: Distiller(s, t, lambda *z: loss(a, *z), **common(a))  # loss(args, s, t, y, fs, ft)
-fofa = lambda a, s, t, **kw: FOFA(s, t, a.img_size, **{**common(a), **dict(
-    nq=a.nq, dim=a.dim, afp_stages=a.afp, feedback=not a.no_feedback, raa=not a.no_raa, fusion=a.afp_fusion,
-    prompt=a.afp_prompt or 'channel', recompute=stage_list(a.recompute_stages, '', True), beta=a.beta, gamma=a.gamma),
-    **kw})  # kw: overrides (FitNet)
-# --method -> f(args, student, frozen teacher (None for ce), classes): the trainable module. A new method is a row here,
-# its class (baselines.py) or loss (losses.py), and its tests.
-METHODS = {
-    'fofa': lambda a, s, t, n: fofa(a, s, t),
-    'fitnet': lambda a, s, t, n: fofa(a, s, t, afp_stages=(), raa=False),  # FOFA without RAA and AFP
-    'kd': pure(lambda a, s, t, *_: {'kd': losses.kd(s, t, a.kd_t)}),
-    'dkd': pure(lambda a, s, t, y, *_: {'dkd': losses.dkd(s, t, hard(y), *a.dkd)}),
-    'dist': pure(lambda a, s, t, *_: {'dist': losses.dist(s, t, *a.dist)}),
-    'ofa': lambda a, s, t, n: OFA(s, t, a.img_size, n, a.ofa, a.ofa_eps, **common(a)),
-    'rkd': pure(lambda a, s, t, y, fs, ft: {'rkd': losses.rkd(emb(fs), emb(ft))}),
-    'cc': pure(lambda a, s, t, y, fs, ft: {'cc': losses.cc(emb(fs), emb(ft))}),
-    'fbt': lambda a, s, t, n: FBT(s, t, a.img_size, a.ofa_eps, **common(a)),
-    'hcd': lambda a, s, t, n: HCD(s, t, a.img_size, n, a.hcd_n, a.hcd_kl, **common(a)),
-    'ce': lambda a, s, t, n: Distiller(s, label_smoothing=a.smoothing),  # the student alone, labels only
-}
+METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'fbt', 'hcd', 'ce')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'recompute_stages', 'resume',
-             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt'}  # may change on --resume
+# flags that may change on --resume
+RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume',
+             'recompute_stages', 'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
+             'teacher_ckpt'}
+# removed flags, with the values that made a run's model another one: such runs cannot resume
+RETIRED = {'--afp-prompt spatial': ('afp_prompt', 'spatial'), '--no-raa': ('no_raa', True)}
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence and exit code 1 (argparse's own: usage, then the error, code 2)
+    def error(self, message):  # one sentence, exit code 1 (argparse's own: usage, error, code 2)
         raise SystemExit(message.removeprefix('argument ').rstrip('.') + '.')
 
 
-def ranged(kind, accepted, ok):  # an argparse type: a finite int or float for which ok(value) holds
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no '(default: None)' (the help says) nor 'False'
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def checked(kind, accepted, ok):
+    """An argparse type: kind(text) if ok(that), else an error that says what is accepted."""
     def parse(text):
         with suppress(ValueError, OverflowError):
-            if math.isfinite(v := kind(text)) and ok(v):
-                return v
-        raise argparse.ArgumentTypeError(f"{text!r} is not {accepted}")
+            value = kind(text)
+            if ok(value):
+                return value
+        raise argparse.ArgumentTypeError(f'{text!r} is not {accepted}')
     return parse
 
 
-COUNT, NATURAL = ranged(int, 'an integer >= 1', lambda v: v >= 1), ranged(int, 'an integer >= 0', lambda v: v >= 0)
-POSITIVE, NONNEG = ranged(float, 'a number > 0', lambda v: v > 0), ranged(float, 'a number >= 0', lambda v: v >= 0)
-DECAY, FRACTION = ranged(float, 'in [0, 1)', lambda v: 0 <= v < 1), ranged(float, 'in (0, 1]', lambda v: 0 < v <= 1)
-hms = lambda seconds: str(datetime.timedelta(seconds=round(seconds)))
+def stages(text):
+    """'1,2,4' -> (1, 2, 4); 'none' -> ()."""
+    if text.strip().lower() in ('none', ''):
+        return ()
+    return tuple(sorted({int(s) for s in text.split(',')}))
+
+
+COUNT = checked(int, 'an integer >= 1', lambda v: v >= 1)
+NATURAL = checked(int, 'an integer >= 0', lambda v: v >= 0)
+POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
+NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
+STAGES = checked(str, 'a comma list of stages 1-4 (e.g. 1,2,3,4)',
+                 lambda t: len(stages(t)) > 0 and set(stages(t)) <= {1, 2, 3, 4})
+STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
+                         lambda t: set(stages(t)) <= {1, 2, 3, 4})
+OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
+                    lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
 
 
 def parser():
-    p = Parser(description=__doc__.split('\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a('--teacher', help='teacher model (models.MODELS or a timm name); needed by every method but ce')
-    a('--student', required=True, help='student model')
-    a('--dataset', default='digits', choices=data.DATASETS, help='digits is offline')
-    a('--data-dir', default='data', help='dataset root')
-    a('--method', default='fofa', help=', '.join(METHODS))
-    a('--nq', type=ranged(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)', lambda v: v == 4 * math.isqrt(
-      v // 4) ** 2 > 0), default=64, help='FOFA: RAA queries over the 4 stages, 4*k*k')
-    a('--dim', type=ranged(int, 'a positive multiple of 8', lambda v: v % 8 == 0 < v), default=512, help='RAA width d')
-    a('--afp-stages', default='1,2,3,4', help="FOFA: teacher stages with a prompt, e.g. 1,2,3,4 or 'none'")
-    a('--no-raa', action='store_true', help='FOFA: per-stage alignment without attention (FitNet baseline)')
-    a('--no-feedback', action='store_true', help='FOFA: prompts without student feedback')
-    a('--afp-fusion', default='dw', choices=('dw', 'full'), help='FOFA: 5x5 fusion conv: depthwise or official')
-    a('--afp-prompt', choices=('channel', 'spatial'), help="FOFA: the official SE output replaces the feature (a "
-      "per-channel bias; the default), or gates it (a spatial prompt)")
-    a('--recompute-stages', default='none', help="FOFA: teacher stages whose prompted pass is run again in backward "
-      "instead of keeping its activations (less memory, more time), or 'none'")
-    a('--alpha', type=NONNEG, default=1.0, help='weight of KD (Eq. 8)')
-    a('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
-    a('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
-    a('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
-    a('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'), help='DKD (CIFAR paper)')
-    a('--dkd-warmup', type=ranged(float, 'in [0, 1]', lambda v: 0 <= v <= 1), default=20 / 240, help='DKD: share of the run over which its weight rises '
-      'linearly from 0, per step (the DKD authors\' 20 of 240 epochs)')
-    a('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'), help='DIST')
-    a('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
-    a('--ofa-stages', default='1,2,3,4', help='OFA: student stages with a head to logits')
-    a('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
-    a('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL')
-    a('--epochs', type=COUNT, default=30)
-    a('--batch-size', type=COUNT, default=64, help='per process; the global batch is this times the world size')
-    a('--lr', type=POSITIVE, help='peak learning rate (default: the recipe\'s)')
-    a('--opt', help='optimizer, any timm name (default: the recipe\'s: sgd or adamw)')
-    a('--wd', type=NONNEG, help='weight decay (default: the recipe\'s)')
-    a('--warmup-epochs', type=NONNEG, help='linear warm-up (default: the recipe\'s share of --epochs)')
-    a('--clip', type=NONNEG, help="gradient-norm clipping, 0: off (default: the recipe's: 5 for vit, off for cnn)")
-    a('--recipe', choices=list(RECIPES), help="augmentation and optimizer preset (default: by the student's family)")
-    a('--ema', type=DECAY, default=0.0, help='EMA decay of the student, e.g. 0.9998 (0: off)')
-    a('--img-size', type=COUNT, help='input size (default: the student\'s, 224 or 32 for *_mini)')
-    a('--train-fraction', type=FRACTION, default=1.0, help='digits: use a fixed stratified part of the train split')
-    a('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
-    a('--compile', action='store_true', help='torch.compile the student and the teacher')
-    a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    a('--workers', type=NATURAL, default=4)
-    a('--seed', type=ranged(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0)
-    a('--out', default='runs/last', help='run directory')
-    a('--resume', action='store_true', help='continue the run in --out from its last.pt')
-    a('--overwrite', action='store_true', help='start over in an --out that already holds a run')
-    a('--teacher-ckpt', help="teacher weights: a timm state_dict or checkpoint (PATH:ema: its EMA), or 'timm'")
-    a('--teacher-dir', default='teachers', help='cache of teachers trained by this script')
-    a('--teacher-epochs', type=COUNT, help='epochs when the teacher is trained here (default: --epochs)')
-    a('--pretrained', action='store_true', help='start the model trained with --method ce from timm ImageNet weights')
-    a('--log-every', type=COUNT, default=50, help='steps between progress lines')
-    a('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last); the others log top1 null')
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=Help)
+    g = p.add_argument_group('models and data').add_argument
+    g('--teacher', help='teacher model: a models.MODELS name or a timm name (every method but ce)')
+    g('--student', required=True, help='student model: a models.MODELS name or a timm name')
+    g('--teacher-ckpt', metavar='PATH', help="teacher weights: a timm or official state_dict, a "
+      "run's best.pt, a timm CheckpointSaver file (PATH:ema: its EMA weights), a .safetensors "
+      "file, or 'timm': timm's ImageNet classifier (default: trained here, see --teacher-dir)")
+    g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
+    g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
+    g('--pretrained', action='store_true', help='--method ce: start from timm ImageNet weights')
+    g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline')
+    g('--data-dir', default='data', help='dataset root (cifar100: downloaded there if missing)')
+    g('--img-size', type=COUNT, help="input size in pixels (default: the student's, 224 or 32)")
+    g('--train-fraction', type=checked(float, 'in (0, 1]', lambda v: 0 < v <= 1), default=1.0,
+      help='digits: train on a fixed stratified share of the train split')
+    g = p.add_argument_group('method (NOTES.md, Losses)').add_argument
+    g('--method', default='fofa', choices=METHODS, help='fitnet: FOFA without RAA and AFP; ce: '
+      'the student alone, from labels')
+    g('--alpha', type=NONNEG, default=1.0, help="weight of KD (Eq. 8) and the baselines' terms")
+    g('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
+    g = p.add_argument_group('FOFA').add_argument
+    g('--nq', type=checked(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)',
+                           lambda v: v > 0 and v == 4 * math.isqrt(v // 4) ** 2),
+      default=64, help='RAA queries over the 4 stages, 4*k*k')
+    g('--dim', type=checked(int, 'a positive multiple of 8', lambda v: v > 0 and v % 8 == 0),
+      default=512, help='RAA width d')
+    g('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
+    g('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
+    g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4',
+      help="teacher stages with a prompt, e.g. 1,2,3,4, or 'none'")
+    g('--no-feedback', action='store_true', help='prompts without student feedback')
+    g('--afp-fusion', default='dw', choices=('dw', 'full'),
+      help="the feedback fusion's 5x5 conv: depthwise, or full as official")
+    g('--recompute-stages', type=STAGES_OR_NONE, default='none', help='teacher stages whose '
+      "prompted pass runs again in backward instead of keeping activations (memory), or 'none'")
+    g = p.add_argument_group('baselines').add_argument
+    g('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'),
+      help="DKD's weights and temperature (its CIFAR setting)")
+    g('--dkd-warmup', type=SHARE, default=20 / 240, help="DKD: share of the run over which its "
+      "weight rises linearly from 0, per step (default: %(default).3g, its authors' 20 / 240)")
+    g('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'),
+      help="DIST's weights and temperature")
+    g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
+    g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: student stages with a head')
+    g('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
+    g('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (mean over stages)')
+    g('--hcd-warmup', type=SHARE, default=20 / 240, help='HCD: share of the run over which the '
+      'sub-logit KL weight rises linearly from 0, per step')
+    g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
+    g('--epochs', type=COUNT, default=30, help='epochs of the student')
+    g('--batch-size', type=COUNT, default=64, help='per process: the global batch is this times '
+      'the number of processes')
+    g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: by the "
+      "student's family: cnn for ResNet, ConvNeXt, MobileNet, else vit)")
+    g('--opt', type=OPTIMIZER, help="optimizer, a timm name (default: the recipe's, sgd or adamw)")
+    g('--lr', type=POSITIVE, help="peak learning rate (default: the recipe's, 0.05 or 5e-4)")
+    g('--wd', type=NONNEG, help="weight decay (default: the recipe's, 2e-3 or 0.05)")
+    g('--warmup-epochs', type=NONNEG, help="linear warm-up in epochs (default: the recipe's share "
+      'of --epochs, 3 or 20 per 300)')
+    g('--clip', type=NONNEG, help="gradient-norm clipping, 0: off (default: the recipe's, 0 or 5)")
+    g('--ema', type=checked(float, 'in [0, 1)', lambda v: 0 <= v < 1), default=0.0,
+      help='EMA decay of the student, e.g. 0.9998 (0: no EMA)')
+    g('--seed', type=checked(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0,
+      help='seed of the weights, data order and augmentation')
+    g = p.add_argument_group('run').add_argument
+    g('--out', default='runs/last', help='run directory')
+    g('--resume', action='store_true', help='continue the run in --out from its last.pt')
+    g('--overwrite', action='store_true', help='start over in an --out that holds a run')
+    g('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
+    g('--compile', action='store_true', help='torch.compile the student and the teacher')
+    g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
+    g('--workers', type=NATURAL, default=4, help='data loader processes per training process')
+    g('--log-every', type=COUNT, default=50, help='steps between progress lines')
+    g('--eval-every', type=COUNT, default=1, help='epochs between tests (the last is always '
+      'tested); the others log top1 null')
     return p
 
 
-get_args = lambda argv=None: parser().parse_args(argv)
+def get_args(argv=None):
+    return parser().parse_args(argv)
 
 
 def check_args(args):
-    """Every mistake a user can make in the flags, caught before anything is built or written."""
-    if args.method not in METHODS:
-        raise SystemExit(f"unknown --method '{args.method}': choose one of {', '.join(METHODS)}.")
+    """The mistakes argparse cannot see, caught before anything is built or written."""
     if args.method != 'ce' and not args.teacher:
-        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train without one).')
-    if args.opt and args.opt.lower().removeprefix('lookahead_') not in timm.optim.list_optimizers():
-        raise SystemExit(f"unknown --opt '{args.opt}': use a timm optimizer name (sgd, adamw, lamb...).")
-    args.afp = stage_list(args.afp_stages, '--afp-stages', allow_none=True)
-    stage_list(args.recompute_stages, '--recompute-stages', allow_none=True)  # checked here, read by fofa()
-    args.ofa = stage_list(args.ofa_stages, '--ofa-stages')
+        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
+                         'without one).')
     if min(args.dkd[2], args.dist[2]) <= 0:
-        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must be > 0.')
+        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
+                         'be > 0.')
     check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
     if os.path.isfile(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or --overwrite to start over.')
+        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
+                         '--overwrite to start over.')
     if args.resume:
         same_run(args, check_path('--resume: the checkpoint', last, 'file'))
-    ckpt = args.teacher_ckpt  # PATH, PATH:ema or 'timm' (README, Teacher checkpoints)
-    check_path('--teacher-ckpt', None if ckpt in (None, 'timm') else ckpt.removesuffix(':ema'), 'checkpoint file')
-    check_path('--teacher-dir', None if args.teacher_ckpt or args.method == 'ce' else args.teacher_dir, 'directory', 1)
-    check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
+    if args.teacher_ckpt not in (None, 'timm'):  # PATH or PATH:ema
+        check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
+    if not (args.teacher_ckpt or args.method == 'ce'):
+        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
+    if os.path.exists(args.data_dir):
+        check_path('--data-dir', args.data_dir, 'dataset directory')
 
 
 def check_path(flag, path, what, new=False):
-    """path (or None) if an existing `what` ('... file' or '... directory') or, if new, makeable; else one sentence."""
-    up, kind = path and os.path.abspath(path), 'directory' if path and os.path.isdir(path) else 'file'
-    while new and up and not os.path.exists(up):
+    """path (None passes) if it is an existing `what` ('... file' or '... directory') or, if new,
+    one that can be made; else one sentence."""
+    if path is None:
+        return None
+    kind = 'directory' if os.path.isdir(path) else 'file'
+    if os.path.exists(path) and not what.endswith(kind):
+        raise SystemExit(f'{flag} {path} is a {kind}, not a {what}.')
+    up = os.path.abspath(path)
+    while new and not os.path.exists(up):  # the nearest existing folder above
         up = os.path.dirname(up)
-    problem = path and (f'is a {kind}, not a {what}' if os.path.exists(path) and not what.endswith(kind) else
-                        f'does not exist: give an existing {what}' if not os.path.exists(up) else
-                        f'cannot be made: {up} is not a writable directory' if up != os.path.abspath(path) and not
-                        (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)) else None)
-    if problem:
-        raise SystemExit(f'{flag} {path} {problem}.')
+    if not os.path.exists(up):
+        raise SystemExit(f'{flag} {path} does not exist: give an existing {what}.')
+    if up != os.path.abspath(path) and not (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)):
+        raise SystemExit(f'{flag} {path} cannot be made: {up} is not a writable directory.')
     return path
 
 
+def plain(value):  # a flag's default may be a tuple where the parsed value is a list
+    return tuple(value) if isinstance(value, list) else value
+
+
 def same_run(args, last):
-    """--resume: unset (None) flags take the run's values; others must match it, but for RESUMABLE, or one sentence."""
-    run = read_checkpoint(last, '--resume:').get('args') or {}
+    """--resume: unset (None) flags take the run's values; the others must match it, but for
+    RESUMABLE ones. Keys of removed flags are ignored, but for the RETIRED values."""
+    run = models.read_checkpoint(last, '--resume:').get('args') or {}
+    gone = [flag for flag, (key, value) in RETIRED.items() if run.get(key) == value]
+    if gone:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(gone)}, which this version "
+                         'no longer has: start it over with --overwrite.')
     vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-    tup = lambda v: tuple(v) if isinstance(v, list) else v
     diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
-            if k in run and k not in RESUMABLE and tup(run[k]) != tup(getattr(args, k))]
+            if k in run and k not in RESUMABLE and plain(run[k]) != plain(getattr(args, k))]
     if diff:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or --overwrite.")
-
-
-def read_checkpoint(path, flag):
-    """Tensors and plain containers only (weights_only; a timm CheckpointSaver's argparse.Namespace too), or .safetensors."""
-    try:
-        if path.endswith('.safetensors'):
-            return safetensors.torch.load_file(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, safetensors.SafetensorError) as e:
-        if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # a class or function: code, not weights
-            raise SystemExit(f'{flag} {path} was refused: it holds pickled code, not only tensors (loaded with '
-                             'weights_only=True); save its state_dict alone and use that.')
-        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint ({type(e).__name__}): it may be truncated '
-                         'or another kind of file, so download or save it again.')
-
-
-def stage_list(text, flag, allow_none=False):
-    """'1,2,4' -> (1, 2, 4); 'none' -> () where allowed; anything else is a one-sentence error."""
-    text = text.strip().lower()
-    if allow_none and text in ('none', ''):
-        return ()
-    stages = {int(s) if s.strip().isdecimal() else 0 for s in text.split(',')}
-    if not stages <= {1, 2, 3, 4}:
-        raise SystemExit(f"{flag} '{text}' is not a comma list of stages 1-4 (e.g. 1,2,3,4)"
-                         + (" or 'none'." if allow_none else '.'))
-    return tuple(sorted(stages))
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
+                         '--overwrite.')
 
 
 def family_recipe(name, img_size, role='student'):
-    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only: no memory, no time)."""
+    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
     try:
         with torch.device('meta'):
             net = models.create(name, 1)
             net.shapes(img_size)
     except ValueError as e:  # an unknown model, or not one of models.FAMILIES
         raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 pixel
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({str(e).splitlines()[0].rstrip(".")}'
-                         f'): it takes {models.INPUT_SIZE.get(name) or net.net.pretrained_cfg["input_size"][-1]}.')
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        takes = models.INPUT_SIZE.get(name) or net.net.pretrained_cfg['input_size'][-1]
+        reason = str(e).splitlines()[0].rstrip('.')
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
+                         f'takes {takes}.')
     return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
 
 
-def load_weights(path, net, what):
-    """A timm or official state_dict, a CheckpointSaver file (PATH:ema: its EMA) or our best.pt, renamed by timm."""
-    ema, path = path.endswith(':ema'), path.removesuffix(':ema')
-    ck = read_checkpoint(path, 'the checkpoint')
-    keys = ('state_dict_ema', 'model_ema') if ema else ('student', 'state_dict', 'model', 'model_ema')
-    ck = next((ck[k] for k in keys if isinstance(ck, dict) and isinstance(ck.get(k), dict)), None if ema else ck)
-    if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):
-        raise SystemExit(f'{path} ' + ('holds no EMA weights.' if ema else 'is not a state_dict of tensors.'))
-    ck = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in ck.items()}
-    own, convert = net.state_dict(), getattr(sys.modules[type(net).__module__], 'checkpoint_filter_fn', None)
-    with suppress(KeyError, AttributeError, RuntimeError):  # timm's renaming fails on another family: reported below
-        ck = convert(ck, net) if convert and ck.keys() != own.keys() else ck
-    missing, extra = own.keys() - ck.keys(), ck.keys() - own.keys()
-    if missing or extra:
-        raise SystemExit(f'{path} is not a {what} checkpoint: {len(missing)} weights missing, {len(extra)} unexpected '
-                         f'(e.g. {sorted(missing or extra)[0]}).')
-    for k, v in ck.items():
-        if v.shape != own[k].shape:
-            head = own[k].shape[0] if k.startswith(('head', 'fc', 'classifier')) else None
-            hint = f' (it has {v.shape[0]} classes, this dataset {head})' if head else ''
-            raise SystemExit(f'{path} does not fit {what}: {k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}{hint}.')
-    net.load_state_dict(ck)
-
-
-def create(name, num_classes, norm=(None, None), weights=None):
-    """models.create with weights None (random), True (ImageNet, new head), 'timm' (the whole classifier) or a file."""
-    if weights == 'timm' and num_classes != 1000:
-        raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not {num_classes} classes: "
-                         'pass a fine-tuned checkpoint file instead.')
-    try:
-        net = models.create(name, num_classes, weights in (True, 'timm'), mean=norm[0], std=norm[1])
-    except OSError as e:  # offline and not cached: huggingface_hub's LocalEntryNotFoundError, urllib's URLError
-        cfg = timm.models.get_pretrained_cfg(models.MODELS.get(name, (name,))[0])
-        raise SystemExit(f'timm could not fetch the ImageNet weights of {name} ({type(e).__name__}): it looked for '
-                         f'{cfg.hf_hub_id or cfg.url} in {huggingface_hub.constants.HF_HUB_CACHE} and '
-                         f'{torch.hub.get_dir()}; fetch them once online (or copy that cache here), give timm the file '
-                         'with pretrained_cfg_overlay=dict(file=PATH) in models.MODELS, or pass it to --teacher-ckpt.')
-    except RuntimeError as e:  # no timm weights for this name, or not of its shape (the *_mini models)
-        raise SystemExit(f'timm has no ImageNet weights that fit {name}: {str(e).splitlines()[0].rstrip(".: ")}.')
-    if weights not in (None, True, 'timm'):
-        load_weights(weights, net.net, f'{name} ({num_classes} classes)')
-    return net
+def loss_terms(args, logits, t_logits, targets, feats, t_feats):
+    """The terms of the methods that are a loss only, on logits or pooled last stages."""
+    if args.method == 'kd':
+        return {'kd': losses.kd(logits, t_logits, args.kd_t)}
+    if args.method == 'dkd':
+        classes = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: the main class
+        return {'dkd': losses.dkd(logits, t_logits, classes, *args.dkd)}
+    if args.method == 'dist':
+        return {'dist': losses.dist(logits, t_logits, *args.dist)}
+    emb, t_emb = feats[-1].float().mean((2, 3)), t_feats[-1].float().mean((2, 3))
+    if args.method == 'rkd':
+        return {'rkd': losses.rkd(emb, t_emb)}
+    return {'cc': losses.cc(emb, t_emb)}
 
 
 def build(args, num_classes):
-    """The trainable module for --method (METHODS), holding the frozen teacher."""
-    norm, ce = data.NORM[args.dataset] or (None, None), args.method == 'ce'
-    student = create(args.student, num_classes, norm, args.pretrained and ce or None)
-    teacher = None if ce else create(args.teacher, num_classes, norm, args.teacher_ckpt)  # bench.py: random teachers
-    model = METHODS[args.method](args, student, teacher, num_classes)
+    """The trainable module for --method, holding the frozen teacher."""
+    norm = data.NORM[args.dataset] or (None, None)
+    pretrained = args.pretrained and args.method == 'ce'
+    student = models.create(args.student, num_classes, pretrained, *norm)
+    if args.method == 'ce':  # the student alone, labels only
+        return Distiller(student, label_smoothing=args.smoothing)
+    teacher = models.create(args.teacher, num_classes, args.teacher_ckpt, *norm)  # None: random
+    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
+    fofa = args.method == 'fofa'
+    if args.method in ('fofa', 'fitnet'):  # FitNet: FOFA without RAA's attention and AFP
+        return FOFA(student, teacher, args.img_size, args.nq, args.dim, raa=fofa,
+                    afp_stages=stages(args.afp_stages) if fofa else (),
+                    feedback=not args.no_feedback, fusion=args.afp_fusion,
+                    recompute=stages(args.recompute_stages), beta=args.beta, gamma=args.gamma,
+                    **common)
+    if args.method == 'ofa':
+        ofa_stages = stages(args.ofa_stages)
+        return OFA(student, teacher, args.img_size, num_classes, ofa_stages, args.ofa_eps, **common)
+    if args.method == 'fbt':
+        return FBT(student, teacher, args.img_size, args.ofa_eps, **common)
+    if args.method == 'hcd':
+        return HCD(student, teacher, args.img_size, num_classes, args.hcd_n, args.hcd_kl,
+                   args.hcd_warmup, **common)
+    model = Distiller(student, teacher, functools.partial(loss_terms, args), **common)
     if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
         model.ramps['dkd'] = args.dkd_warmup
     return model
@@ -309,7 +310,7 @@ def save(obj, path):
 
 @torch.no_grad()
 def evaluate(net, loader, device, ctx):
-    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function of the images."""
+    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function."""
     if isinstance(net, torch.nn.Module):
         net.eval()
     correct = torch.zeros(3, device=device)  # top-1, top-5, count
@@ -318,20 +319,25 @@ def evaluate(net, loader, device, ctx):
         with ctx:
             logits = net(x)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]
-        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), torch.tensor(len(y), device=device)])
+        count = torch.tensor(len(y), device=device)
+        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), count])
     if dist.is_initialized():
         dist.all_reduce(correct)
     return (100 * correct[:2] / correct[2]).tolist()
 
 
-def setup(args, ddp_rank, world, device):
-    """The recipe's defaults for unset flags; loaders, model, optimizer (fused: no host sync), schedule and EMA."""
-    recipe = {**RECIPES[args.recipe], 'warmup_epochs': RECIPES[args.recipe]['warmup'] * args.epochs}
-    vars(args).update({k: recipe[k] for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip') if getattr(args, k) is None})
-    args.smoothing = 0.0 if args.recipe == 'vit' else recipe['smoothing']  # vit: smoothing is folded into mixup
+def setup(args, rank, world, device):
+    """The recipe's values of unset flags; loaders, model, optimizer (fused: no host sync),
+    schedule and EMA."""
+    recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
+    for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
+    args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
     torch.manual_seed(args.seed)
-    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
-                                 world > 1, ddp_rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
+    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size,
+                                 args.recipe, args.workers, world > 1, rank, world, args.seed,
+                                 args.train_fraction, pin_memory=device != 'cpu')
     try:
         model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
     except ValueError as e:
@@ -341,27 +347,29 @@ def setup(args, ddp_rank, world, device):
     kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
     try:
         opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
-    except (TypeError, RuntimeError):  # not every timm optimizer has one
+    except (TypeError, RuntimeError):  # not every timm optimizer has a fused kernel
         opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
     steps = len(loaders[0])
-    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'], t_in_epochs=False,
-                              warmup_t=int(args.warmup_epochs * steps), warmup_lr_init=recipe['warmup_lr'])
-    return loaders, model, opt, sched, ModelEmaV3(model.student, decay=args.ema) if args.ema else None
+    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'],
+                              warmup_t=int(args.warmup_epochs * steps),
+                              warmup_lr_init=recipe['warmup_lr'], t_in_epochs=False)
+    ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
+    return loaders, model, opt, sched, ema
 
 
-def start_run(args, model, opt, ema, ddp_rank, device):
-    """--resume: all from last.pt; else --out loses an old run's files (no inherited log). Returns (epoch, best)."""
+def start_run(args, model, opt, ema, rank, device):
+    """--resume: all from last.pt; else --out loses an old run's files. Returns (epoch, best)."""
     if not args.resume:
-        if ddp_rank == 0:
+        if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             for f in ('log.jsonl', 'last.pt', 'best.pt'):
                 pathlib.Path(args.out, f).unlink(missing_ok=True)
             pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
         return 0, {'top1': -1.0}
     ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-    if ddp_rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero (one step)
+    if rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero
         ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
-    model.load_state_dict(ck['model'], strict=not ddp_rank)
+    model.load_state_dict(ck['model'], strict=not rank)
     opt.load_state_dict(ck['optimizer'])
     if ema:
         ema.load_state_dict(ck['ema'])
@@ -369,55 +377,102 @@ def start_run(args, model, opt, ema, ddp_rank, device):
 
 
 def save_epoch(args, rec, model, opt, ema, best):
-    """rec to log.jsonl, the best student so far (raw or EMA) to best.pt, everything to last.pt. Returns the best."""
+    """rec to log.jsonl, the best student so far (raw or EMA: NOTES.md, Metrics) to best.pt, all
+    to last.pt."""
     with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(rec) + '\n')
-    epoch, top1, ema_top1 = rec['epoch'], rec['top1'], rec['top1_ema']
-    use_ema = ema is not None and top1 is not None and ema_top1 > top1
-    if top1 is not None and max(top1, ema_top1 or -1) > best['top1']:
-        best = {'top1': max(top1, ema_top1 or -1), 'epoch': epoch, 'which': 'ema' if use_ema else 'raw'}
-        save({'student': (ema.module if use_ema else model.student).net.state_dict(), 'which': best['which'],
-              'epoch': epoch, 'args': vars(args)}, os.path.join(args.out, 'best.pt'))
-    save({'student': model.student.net.state_dict(), 'model': model.state_dict(), 'optimizer': opt.state_dict(),
-          'ema': ema.state_dict() if ema else None, 'epoch': epoch, 'best': best, 'top1': top1, 'args': vars(args)},
+    top1, ema_top1 = rec['top1'], rec['top1_ema'] or -1.0
+    if top1 is not None and max(top1, ema_top1) > best['top1']:
+        which = 'ema' if ema_top1 > top1 else 'raw'
+        best = {'top1': max(top1, ema_top1), 'epoch': rec['epoch'], 'which': which}
+        student = ema.module if which == 'ema' else model.student
+        save({'student': student.net.state_dict(), 'which': which, 'epoch': rec['epoch'],
+              'args': vars(args)}, os.path.join(args.out, 'best.pt'))
+    save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
+          'optimizer': opt.state_dict(), 'ema': ema.state_dict() if ema else None,
+          'epoch': rec['epoch'], 'best': best, 'top1': top1, 'args': vars(args)},
          os.path.join(args.out, 'last.pt'))
     return best
 
 
-def train(args, ddp_rank=0, world=1, device='cpu'):
-    master = ddp_rank == 0
-    (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, ddp_rank, world, device)
-    start, best = start_run(args, model, opt, ema, ddp_rank, device)
-    student, teacher, steps, fused = model.student, model.teacher, len(train_loader), opt.defaults.get('fused', False)
-    for net in (student, teacher) if args.compile else ():  # separately; the distillers' own modules stay eager
-        if net is not None:
-            net.compile()
-    # only the trainable module is in DDP (the teacher is not a submodule); feedback buffers stay per rank
-    net = DDP(model, device_ids=[torch.device(device)] if device != 'cpu' else None,
-              broadcast_buffers=False) if world > 1 else model
-    ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp else nullcontext()
+class Tally:
+    """The loss terms summed over an epoch's finite steps, and the non-finite steps, on the
+    device: the host reads them only at progress lines."""
+
+    def __init__(self, device):
+        self.streak = self.worst = torch.zeros((), device=device)  # in a row: now, the longest
+        self.nonfinite = {}  # per loss term, to name the culprit
+
+    def new_epoch(self):
+        self.sums, self.skipped = {}, torch.zeros_like(self.streak)
+
+    def add(self, terms, bad):
+        self.skipped, self.streak = self.skipped + bad, (self.streak + 1) * bad
+        self.worst = torch.maximum(self.worst, self.streak)
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums.get(k, 0) + torch.where(bad > 0, 0, v)
+            self.nonfinite[k] = self.nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
+
+    def check(self):
+        if self.worst.item() >= MAX_NONFINITE:
+            names = ', '.join(k for k, n in self.nonfinite.items() if k != 'total' and n.item())
+            raise SystemExit(f'{int(self.worst.item())} steps in a row had a non-finite loss '
+                             f'({names or "total"}): lower --lr or the weight of that term, or '
+                             'check the teacher checkpoint and data.')
+
+    def means(self, steps):
+        skipped = int(self.skipped.item())
+        means = {k: round(v.item() / max(steps - skipped, 1), 5) for k, v in self.sums.items()}
+        return {**means, 'skipped_steps': skipped}
+
+
+def hms(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def peak_memory_gb(device):
+    if device != 'cpu':
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+
+
+def train(args, rank=0, world=1, device='cpu'):
+    (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, rank, world, device)
+    start, best = start_run(args, model, opt, ema, rank, device)
+    student, teacher, steps = model.student, model.teacher, len(train_loader)
+    for module in (student, teacher) if args.compile else ():  # the distillers' own stay eager
+        if module is not None:
+            module.compile()
+    # only the trainable module is in DDP (the teacher is not a submodule); feedback stays per rank
+    ids = [torch.device(device)] if device != 'cpu' else None
+    net = DDP(model, device_ids=ids, broadcast_buffers=False) if world > 1 else model
+    ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if args.amp else nullcontext()
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
-    if master:
-        print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at {args.img_size}px, '
-              f'{world} process(es) x batch {args.batch_size} = global batch {world * args.batch_size}, '
-              f'{steps} steps/epoch, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters'
-              + (f'; teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''))
-    streak = worst = torch.zeros((), device=device)  # non-finite steps in a row: now, and the longest
-    nonfinite, epoch_s = {}, None  # non-finite steps per loss term, to name the culprit; seconds of the last epoch
+    teacher_note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''
+    if rank == 0:
+        trainable = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at '
+              f'{args.img_size}px, {world} process(es) x batch {args.batch_size} = global batch '
+              f'{world * args.batch_size}, {steps} steps/epoch, {trainable:.2f}M trainable '
+              f'parameters{teacher_note}')
+    fused, tally, epoch_s = opt.defaults.get('fused', False), Tally(device), None
     for epoch in range(start, args.epochs):
         data.set_epoch(train_loader, epoch, args.seed)
         model.train()
-        sums, t0, skipped = {}, time.time(), torch.zeros((), device=device)
+        tally.new_epoch()
+        t0 = time.time()
         if device != 'cpu':
             torch.cuda.reset_peak_memory_stats()
         for i, (x, y) in enumerate(train_loader):
+            step = epoch * steps + i
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixup:
                 x, y = mixup(x, y)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            sched.step_update(epoch * steps + i)  # a function of the step: --resume --epochs N stretches it
-            model.progress = (epoch * steps + i + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
+            sched.step_update(step)  # a function of the step: --resume --epochs N stretches it
+            model.progress = (step + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
             with ctx:
                 _, terms = net(x, y)
             bad = (~torch.isfinite(terms['total'])).float()
@@ -427,72 +482,71 @@ def train(args, ddp_rank=0, world=1, device='cpu'):
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             if fused:
-                opt.found_inf = bad  # the kernel skips the update when the loss was NaN/inf: no sync
-            if fused or not bad.item():  # other optimizers need the flag on the host: one sync per step
+                opt.found_inf = bad  # the kernel skips the update after a NaN/inf loss: no sync
+            if fused or not bad.item():  # other optimizers need the flag on the host: a sync
                 opt.step()
             opt.zero_grad(set_to_none=True)
             if ema:
-                ema.update(student, step=epoch * steps + i)
-            skipped, streak = skipped + bad, (streak + 1) * bad
-            worst = torch.maximum(worst, streak)
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0) + torch.where(bad > 0, 0, v.detach().float())
-                nonfinite[k] = nonfinite.get(k, 0) + (~torch.isfinite(v.detach())).float()
+                ema.update(student, step=step)
+            tally.add(terms, bad)
             if (i + 1) % args.log_every == 0 or i + 1 == steps:  # host reads only here
-                if worst.item() >= MAX_NONFINITE:
-                    names = ', '.join(k for k, n in nonfinite.items() if k != 'total' and n.item())
-                    raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss ({names or "total"}): '
-                                     'lower --lr or the weight of that term, or check the teacher checkpoint and data.')
-                if master and i + 1 < steps:
+                tally.check()
+                if rank == 0 and i + 1 < steps:
                     step_s = (time.time() - t0) / (i + 1)
-                    left = step_s * (steps - i - 1)  # then the epochs to go, at the last epoch's pace if known
-                    print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
-                          f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
-                          f'{hms(left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps))}', flush=True)
-        train_time = time.time() - t0
+                    left = step_s * (steps - i - 1)  # then the epochs to go, at the last one's pace
+                    run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps)
+                    loss = terms['total'].item()
+                    print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {loss:.4f} '
+                          f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch '
+                          f'{hms(left)}, run {hms(run_left)}', flush=True)
+        train_s = time.time() - t0
         top1 = top5 = ema_top1 = None
         extra = {}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             top1, top5 = evaluate(student, val_loader, device, ctx)
             ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
-            extra = {f'{k}_top1': evaluate(f, val_loader, device, ctx)[0] for k, f in model.eval().extra_evals().items()}
-        if master:
-            skipped = int(skipped.item())
-            rec = {'epoch': epoch + 1, **{k: round(v.item() / max(steps - skipped, 1), 5) for k, v in sums.items()},
-                   'skipped_steps': skipped, 'top1': top1, 'top5': top5, 'top1_ema': ema_top1,
-                   'teacher_top1': teacher_top1, **extra, 'lr': opt.param_groups[0]['lr'],
-                   'img_per_s': round(steps * args.batch_size * world / train_time, 1),
-                   'peak_mem_gb': round((torch.cuda.max_memory_allocated() if device != 'cpu' else
-                                         __import__('resource').getrusage(0).ru_maxrss * 1024) / 2**30, 3)}
+            for name, f in model.eval().extra_evals().items():
+                extra[f'{name}_top1'] = evaluate(f, val_loader, device, ctx)[0]
+        if rank == 0:
+            rec = {'epoch': epoch + 1, **tally.means(steps), 'top1': top1, 'top5': top5,
+                   'top1_ema': ema_top1, 'teacher_top1': teacher_top1, **extra,
+                   'lr': opt.param_groups[0]['lr'],
+                   'img_per_s': round(steps * args.batch_size * world / train_s, 1),
+                   'peak_mem_gb': peak_memory_gb(device)}
             best = save_epoch(args, rec, model, opt, ema, best)
             epoch_s = time.time() - t0  # training, tests and saving
-            print(json.dumps(rec), f'| run time left {hms(epoch_s * (args.epochs - epoch - 1))}', flush=True)
-    if master:
+            left = epoch_s * (args.epochs - epoch - 1)
+            print(json.dumps(rec), f'| run time left {hms(left)}', flush=True)
+    if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
-        print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, {best['which']} student; "
-              f"the best over epochs of max(raw, EMA), the official code's metric) | last top-1 {ck['top1']:.2f} "
-              f"(raw student)" + (f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''))
+        print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
+              f"{best['which']} student; the best over epochs of max(raw, EMA), the official "
+              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){teacher_note}")
     return best
 
 
-def teacher_checkpoint(args, ddp_rank, world, device):
-    """The cached teacher for (architecture, dataset, input size, classes), trained here with --method ce if absent."""
-    nc = data.num_classes(args.dataset, args.data_dir)
+def teacher_checkpoint(args, rank, world, device):
+    """The cached teacher for (model, dataset, input size, classes), trained here if absent."""
+    classes = data.num_classes(args.dataset, args.data_dir)
     frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
-    key = f"{args.teacher}_{args.dataset}_{args.img_size}px_{nc}cls{frac}{'_pre' if args.pretrained else ''}"
+    pre = '_pre' if args.pretrained else ''
+    key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}{pre}'
     path = os.path.join(args.teacher_dir, key + '.pt')
     if not os.path.isfile(path):
-        targs = get_args(['--student', args.teacher, '--method', 'ce', '--overwrite'])  # the recipe's other flags
-        vars(targs).update({k: getattr(args, k) for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp',
-                            'workers', 'train_fraction', 'log_every', 'eval_every', 'pretrained')},
-                           out=os.path.join(args.teacher_dir, key), epochs=args.teacher_epochs or args.epochs)
+        targs = get_args(['--student', args.teacher, '--method', 'ce', '--overwrite'])
+        for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
+                  'train_fraction', 'log_every', 'eval_every', 'pretrained'):
+            setattr(targs, k, getattr(args, k))
+        targs.out = os.path.join(args.teacher_dir, key)
+        targs.epochs = args.teacher_epochs or args.epochs
         check_args(targs)
-        targs.recipe = family_recipe(args.teacher, args.img_size)
-        if ddp_rank == 0:
+        targs.recipe = family_recipe(args.teacher, args.img_size)  # the recipe's other flags
+        if rank == 0:
             print(f'no teacher in {path}: training {args.teacher} with --method ce first')
-        train(targs, ddp_rank, world, device)
-        if ddp_rank == 0:
-            save(torch.load(os.path.join(targs.out, 'best.pt'), map_location='cpu', weights_only=True), path)
+        train(targs, rank, world, device)
+        if rank == 0:
+            best = os.path.join(targs.out, 'best.pt')
+            save(torch.load(best, map_location='cpu', weights_only=True), path)
         if world > 1:
             dist.barrier()
     return path
@@ -502,15 +556,18 @@ def main(argv=None):
     args = get_args(argv)
     check_args(args)
     args.img_size = args.img_size or models.INPUT_SIZE.get(args.student, 224)
-    recipe = [family_recipe(getattr(args, r), args.img_size, r) for r in ('teacher', 'student')[args.method == 'ce':]]
-    args.recipe = args.recipe or recipe[-1]  # the student's
+    if args.method != 'ce':
+        family_recipe(args.teacher, args.img_size, 'teacher')
+    recipe = family_recipe(args.student, args.img_size)
+    args.recipe = args.recipe or recipe
     world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     if device != 'cpu':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    args.amp = device != 'cpu' if args.amp is None else args.amp
+    if args.amp is None:
+        args.amp = device != 'cpu'
     if world > 1:
         dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
     if args.method != 'ce' and not args.teacher_ckpt:
