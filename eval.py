@@ -4,8 +4,10 @@
     python eval.py --ckpt runs/x/last.pt --attn attn.png                      # RAA attention of a FOFA run (Fig. 3)
     python eval.py --summarize runs/evidence                                   # mean +- std over seeds, as markdown
     python eval.py --summarize runs/evidence --curves curves.png               # learning curves per pair
+    python eval.py --summarize runs/paper --paper 1                            # next to Table 1
 """
 import argparse
+import csv
 import glob
 import json
 import os
@@ -174,6 +176,95 @@ def curves(root, png):
     return roles
 
 
+PAPER_NUMBERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'paper_numbers.csv')
+PAPER_GRID = {'teacher': 'T.', 'scratch': 'S.', 'kd': 'KD', 'dkd': 'DKD', 'dist': 'DIST',
+              'ofa': 'OFA', 'fitnet': 'FitNet', 'cc': 'CC', 'rkd': 'RKD', 'crd': 'CRD',
+              'fofa': 'FOFA', 'fbt': 'FBT', 'hcd': 'HCD'}  # Tables 1-2: config -> column
+AFP_SETS = ['1', '2', '3', '4', '12', '13', '14', '23', '24', '34', '123', '124', '134', '234']
+PAPER_ROWS = {  # Tables 4-6, all on ConvNeXt-T -> DeiT-T: config -> row
+    '4': {'fitnet': 'Baseline (FitNet)', 'raa': 'RAA', 'afp_nofb': 'RAA + AFP w/o feedback',
+          'fofa': 'RAA + AFP'},
+    '5': {'fitnet': 'Baseline (FitNet)', **{f'afp{s}': ','.join(s) for s in AFP_SETS},
+          'fofa': '1,2,3,4', 'paper_row5': "the paper's row 5", 'paper_row6': "the paper's row 6"},
+    '6': {'fitnet': 'Baseline (FitNet)', 'nq36': '36', 'fofa': '64', 'nq80': '80', 'nq100': '100',
+          'nq144': '144'}}
+
+
+def run_top1(records, metric):
+    """best: the best tested epoch's max(raw, EMA) top-1 (the official code's); last: the last
+    epoch's raw top-1."""
+    if metric == 'last':
+        return records[-1]['top1']
+    return max(max(e['top1'], e.get('top1_ema') or -1) for e in records if e['top1'] is not None)
+
+
+def paper_table(root, table, metric):
+    """The runs of paper.sh TABLE under root beside the paper's numbers (paper_numbers.csv, each
+    with its source): per cell our mean +- std over the finished seeds / the paper's number
+    (ours - paper), '-' where either is missing; Tables 1-2 end with the paper's last row, the
+    mean gain over the student from scratch (S.)."""
+    dataset = 'imagenet' if table == '2' else 'cifar100'
+    runs, left = load_runs(os.path.join(root, dataset))
+    with open(PAPER_NUMBERS, newline='') as f:
+        rows = [r for r in csv.DictReader(f) if r['table'] == table]
+    paper = {(r['pair'], r['config'], r['metric']): float(r['value']) for r in rows}
+    ours = {}  # (pair, config, metric) -> one number per finished seed
+    for pair, configs in runs.items():
+        for c, seeds in configs.items():
+            ours[pair, c, 'top1'] = [run_top1(r, metric) for r in seeds.values()]
+            ours[pair, c, 'mem_gb'] = [max(e.get('peak_mem_gb') or 0 for e in r)
+                                       for r in seeds.values()]
+    pairs = list(dict.fromkeys(r['pair'] for r in rows if r['pair'] != 'average'))
+    for pair in pairs:  # T.: the teacher's top-1 as the runs measured it; S.: --method ce alone
+        teachers = [r[-1]['teacher_top1'] for seeds in runs.get(pair, {}).values()
+                    for r in seeds.values() if r[-1]['teacher_top1'] is not None]
+        ours[pair, 'teacher', 'top1'] = teachers[:1]
+        student = pair.split('-')[1]
+        ours[pair, 'scratch', 'top1'] = ours.get((f'scratch-{student}', 'ce', 'top1'), [])
+
+    def cell(key):
+        mine, theirs = ours.get(key) or [], paper.get(key)
+        text = (ms(mine) if len(mine) > 1 else f'{mine[0]:.2f}' if mine else '-') + ' / '
+        text += '-' if theirs is None else f'{theirs:.2f}'
+        if mine and theirs is not None:
+            text += f' ({statistics.mean(mine) - theirs:+.2f})'
+        return text
+
+    which = ("the last epoch's top-1, raw student" if metric == 'last' else
+             "the best tested epoch's top-1 of max(raw, EMA student), the official code's metric")
+    print(f"Table {table} ({dataset}): ours / the paper's (ours - paper). Ours: mean ± std over "
+          f"the finished seeds of {which}. The paper's numbers: {PAPER_NUMBERS}.\n")
+    if table in PAPER_ROWS:
+        print(f'{pairs[0].replace("-", " -> ")}\n\n| config | top-1 | memory (GB) |\n|---|---|---|')
+        for config, label in PAPER_ROWS[table].items():
+            top1, mem = cell((pairs[0], config, 'top1')), cell((pairs[0], config, 'mem_gb'))
+            print(f'| {label} | {top1} | {mem} |')
+    else:
+        print('| teacher -> student | ' + ' | '.join(PAPER_GRID.values()) + ' |\n'
+              + '|---' * (len(PAPER_GRID) + 1) + '|')
+        for pair in pairs:
+            cells = ' | '.join(cell((pair, c, 'top1')) for c in PAPER_GRID)
+            print(f'| {pair.replace("-", " -> ")} | {cells} |')
+        mean = {k: statistics.mean(v) for k, v in ours.items() if v}
+        gains = {c: [mean[p, c, 'top1'] - mean[p, 'scratch', 'top1'] for p in pairs
+                     if (p, c, 'top1') in mean and (p, 'scratch', 'top1') in mean]
+                 for c in list(PAPER_GRID)[2:]}  # ours: over the pairs with both, counted in ()
+        ours.update({('average', c, 'gain'): [statistics.mean(g)] for c, g in gains.items() if g})
+        cells = ' | '.join(cell(('average', c, 'gain')) + (f' ({len(g)})' if g else '')
+                           for c, g in gains.items())
+        print(f'| average gain over S. (pairs) | | | {cells} |')
+    counts = [len(v) for (_, c, m), v in ours.items()
+              if m == 'top1' and v and c not in ('teacher', 'scratch')]
+    print(f'\nfinished seeds per cell: {min(counts, default=0)} to {max(counts, default=0)}')
+    for r in rows:
+        if r['note'] and r['metric'] != 'mem_gb' and r['pair'] != 'average':
+            print(f"note, {r['pair']} {PAPER_GRID.get(r['config'], r['config'])}: {r['note']}")
+    configs = set(PAPER_ROWS.get(table, {})) or {*PAPER_GRID, 'ce'}
+    for (pair, config), text in sorted(left.items()):  # this table's runs that did not finish
+        if (pair in pairs or pair.startswith('scratch-') and table in '12') and config in configs:
+            print(f'left out, {pair}/{config}: {text}')
+
+
 def main(argv=None):
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
@@ -189,9 +280,16 @@ def main(argv=None):
     p.add_argument('--curves', metavar='PNG', help='with --summarize: draw their learning curves')
     p.add_argument('--paired', nargs='+', default=(), metavar='A:B',
                    help='with --summarize: a table of the paired final top-1 differences A - B of configs')
+    p.add_argument('--paper', choices=('1', '2', '4', '5', '6'), help="with --summarize: the runs "
+                   "of paper.sh TABLE beside the paper's numbers (paper_numbers.csv)")
+    p.add_argument('--metric', choices=('best', 'last'), default='best',
+                   help="with --paper, a run's top-1: the best tested epoch's max(raw, EMA), the "
+                   "official code's metric, or the last epoch's raw student")
     args = p.parse_args(argv)
     if args.summarize:
         root = train.check_path('--summarize', args.summarize, 'runs directory')
+        if args.paper:
+            return paper_table(root, args.paper, args.metric)
         if any(c.count(':') != 1 for c in args.paired):
             raise SystemExit('--paired takes configs in pairs, A:B (e.g. raa:fitnet).')
         train.check_path('--curves', args.curves, 'PNG file', new=True)

@@ -1,11 +1,14 @@
 """CPU tests, no downloads: python -m pytest -q test_smoke.py"""
+import csv
 import hashlib
 import json
 import math
 import os
 import pickle
+import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import urllib.error
@@ -1575,3 +1578,135 @@ def test_eval_reads_checkpoint_saver_ema(monkeypatch, capsys):
     assert 'top-1' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='holds no EMA weights'):
         evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth:ema'), '--img-size', '32'])
+
+
+# ---------------------------------------------------- paper.sh, paper_numbers.csv, eval.py --paper
+PAPER_CSV = os.path.join(HERE, 'paper_numbers.csv')
+
+
+def test_paper_numbers_give_the_papers_average_rows_and_cite_each_number():
+    """The transcription checked against the paper itself: Tables 1-2 end with the mean gain of
+    each method over the student from scratch, which the transcribed cells give back."""
+    rows = list(csv.DictReader(open(PAPER_CSV, newline='')))
+    keys = [(r['table'], r['pair'], r['config'], r['metric']) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert all(re.search(r'\(arXiv \d{4}\.\d{5}\), Table [1-6]$', r['source']) for r in rows)
+    averages = [r for r in rows if r['pair'] == 'average']
+    assert len(averages) == 9 + 1 + 9  # Table 1 and FBT's, Table 2
+    for avg in averages:  # S.: FOFA's column (FBT prints the same)
+        top1 = {(r['pair'], r['config']): float(r['value']) for r in rows
+                if r['table'] == avg['table'] and r['metric'] == 'top1'}
+        pairs = {p for p, c in top1 if c == avg['config']}
+        gain = statistics.mean(top1[p, avg['config']] - top1[p, 'scratch'] for p in pairs)
+        assert len(pairs) == {'1': 12, '2': 4}[avg['table']], avg
+        assert abs(gain - float(avg['value'])) < 0.006, avg  # printed to 2 decimals
+
+
+def paper_sh(tmp_path, *args, **env):
+    """bash paper.sh ARGS with RUNS in tmp_path: (exit code, stdout, stderr)."""
+    env = {**CPU_ENV, 'RUNS': str(tmp_path / 'runs'), **env}
+    r = subprocess.run(['bash', 'paper.sh', *args], cwd=HERE, capture_output=True, text=True,
+                       timeout=900, env=env)
+    return r.returncode, r.stdout, r.stderr
+
+
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+while (( $# )); do case $1 in --out) out=$2;; --epochs) n=$2;; esac; shift; done
+echo "{\"epoch\": $n, \"gpu\": \"$CUDA_VISIBLE_DEVICES\"}" >> "$out/log.jsonl"
+"""  # stands in for python train.py: the run is finished at once
+
+
+def test_paper_sh_skips_finished_resumes_interrupted_and_shares_the_gpus(tmp_path):
+    runs = tmp_path / 'runs' / 'cifar100' / 'convnext_t-deit_t'
+    for seed, epochs in ((0, 300), (1, 7)):  # seed 1 stopped after epoch 7, seed 2 never ran
+        log = ''.join(json.dumps({'epoch': e + 1, 'top1': 1.0}) + '\n' for e in range(epochs))
+        (runs / 'fofa' / f'seed{seed}').mkdir(parents=True)
+        (runs / 'fofa' / f'seed{seed}' / 'log.jsonl').write_text(log)
+    (runs / 'fofa' / 'seed1' / 'last.pt').write_bytes(b'')
+    code, out, _ = paper_sh(tmp_path, '4', '--list', GPUS='2')
+    assert code == 0 and out.count('global batch 128 = 2 GPU(s) x 64') == 12
+    assert 'convnext_t-deit_t/fofa seed 0: global batch 128 = 2 GPU(s) x 64, done' in out
+    assert '# Table 4: 11 runs to do' in out
+    lines = out.splitlines()
+    resumed = lines[lines.index('# cifar100 convnext_t-deit_t/fofa seed 1: global batch 128 = 2 '
+                                'GPU(s) x 64, resumes after epoch 7') + 1]
+    assert resumed.startswith('python -m torch.distributed.run --standalone --nproc_per_node 2 '
+                              'train.py --teacher convnext_t --teacher-ckpt '
+                              'teachers/convnext_tiny_cifar100.pth --student deit_t')
+    assert resumed.endswith(f"--seed 1 --out {runs / 'fofa' / 'seed1'} --resume")
+    for table, config, flags in (('4', 'raa', '--method fofa --afp-stages none'),
+                                 ('4', 'afp_nofb', '--no-feedback'),
+                                 ('5', 'afp134', '--afp-stages 1,3,4'), ('6', 'nq36', '--nq 36'),
+                                 ('1', 'hcd', '--method hcd --dataset cifar100'),
+                                 ('2', 'fofa', '--method fofa --nq 144 --dataset imagenet')):
+        only = f'^convnext_t-deit_t/{config}$'
+        code, out, _ = paper_sh(tmp_path, table, '--list', ONLY=only, SEEDS='0')
+        assert code == 0 and flags in out and out.count('\n') == 3, out
+    code, out, _ = paper_sh(tmp_path, '2', '--list', ONLY='^swin_t-resnet18/kd$', SEEDS='0')
+    assert 'swin_tiny_patch4_window7_224.ms_in1k --teacher-ckpt timm' in out
+    assert '--lr 0.1 --wd 1e-4' in out and 'global batch 256' in out and '--epochs 100' in out
+    fake = tmp_path / 'fake_python'
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    code, out, err = paper_sh(tmp_path, '6', PYTHON=str(fake), PARALLEL='2')  # 2 at once
+    assert code == 0 and out.count('\nstarted ') == 14 and 'all runs finished' in out, err
+    logs = runs.glob('*/seed*/log.jsonl')
+    gpus = {json.loads(open(log).readlines()[-1]).get('gpu') for log in logs}
+    assert gpus == {'0', '1', None}  # each worker on a GPU of its own; None: the run done before
+    assert paper_sh(tmp_path, '6', '--list')[1].count(', done\n') == 15
+    for args, env, words in ((['3'], {}, 'give a table'),
+                             (['4', '--lsit'], {}, "unknown option '--lsit'"),
+                             (['4', '--list'], {'GPUS': '3'}, 'not a multiple of GPUS=3'),
+                             (['4', '--list'], {'ONLY': 'nothing'}, 'no cell of Table 4'),
+                             (['4', '--list'], {'SEEDS': 'a'}, 'not a list of integers')):
+        code, out, err = paper_sh(tmp_path, *args, **env)
+        assert code == 1 and words in err and err.count('\n') == 1 and err.endswith('.\n'), err
+
+
+def test_paper_sh_dry_run_builds_and_steps_every_pair_and_method(tmp_path):
+    """Table 1's twelve pairs with FOFA and one pair with every method, each built at 224 px and
+    trained two steps on CPU (fake CIFAR-100, random teachers): a cell that cannot fails here."""
+    only = '/fofa$|^convnext_t-deit_t/|^scratch-deit_t/'
+    code, out, err = paper_sh(tmp_path, '1', '--dry-run', str(tmp_path / 'dry'), ONLY=only,
+                              PARALLEL='2')  # 2 processes of a thread each: faster on 2 cores
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert out.count(': ok, 224 px, loss ') == 22 and '# Table 1: all 22 cells built and stepped' in out
+    assert 'cifar100 mixer_b16-swin_p/fofa (global batch 128): ok' in out
+    assert sorted(os.listdir(tmp_path / 'dry')) == ['cifar-100-python', 'imagenet']  # runs removed
+
+
+def test_eval_paper_puts_our_cells_beside_the_papers(tmp_path, capsys):
+    def run(path, epochs, done=2):  # epochs: (raw, EMA) top-1 per epoch; done: its --epochs
+        path.mkdir(parents=True)
+        path.joinpath('args.json').write_text(json.dumps({'epochs': done}))
+        path.joinpath('log.jsonl').write_text(''.join(json.dumps(
+            {'epoch': e + 1, 'top1': raw, 'top1_ema': ema, 'teacher_top1': 95.0, 'skipped_steps': 0,
+             'peak_mem_gb': 10.0 + 2 * e}) + '\n' for e, (raw, ema) in enumerate(epochs)))
+    c100 = tmp_path / 'cifar100'
+    run(c100 / 'scratch-resnet18' / 'ce' / 'seed0', [(70.0, None), (74.0, None)])
+    run(c100 / 'scratch-resnet18' / 'ce' / 'seed1', [(72.0, None), (76.0, None)])
+    run(c100 / 'swin_t-resnet18' / 'fofa' / 'seed0', [(70.0, 80.0), (79.0, 78.0)])  # best: EMA's
+    run(c100 / 'swin_t-resnet18' / 'fofa' / 'seed1', [(75.0, 82.0), (81.0, 80.0)])
+    run(c100 / 'swin_t-resnet18' / 'kd' / 'seed0', [(70.0, None)])  # still running
+    run(c100 / 'convnext_t-deit_t' / 'nq36' / 'seed0', [(70.0, None), (79.5, None)])
+    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '1'])
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if line.startswith('| swin_t -> resnet18 |'))
+    assert row.startswith('| swin_t -> resnet18 | 95.00 / 89.26 (+5.74) | '
+                          '75.00 ± 1.41 / 74.01 (+0.99) | - / 78.74 |')  # T., S. (ce), KD
+    assert row.endswith('| 81.00 ± 1.41 / 81.22 (-0.22) | - / 81.61 | - / - |')  # FOFA, FBT, HCD
+    row = next(line for line in lines if line.startswith('| convnext_t -> deit_t |'))
+    assert '| - / 65.94 | - / 79.59 |' in row  # CRD (not implemented here), FOFA
+    gains = next(line for line in lines if line.startswith('| average gain'))
+    assert '| - / 3.17 |' in gains and '| 6.00 / 8.17 (-2.17) (1) |' in gains  # KD; FOFA: 1 pair
+    assert 'left out, swin_t-resnet18/kd: 0 diverged, 1 unfinished' in lines
+    assert any('Acc 80.49' in line for line in lines)  # the notes
+    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '1', '--metric', 'last'])
+    assert '| 80.00 ± 1.41 / 81.22 (-1.22) |' in capsys.readouterr().out  # the last raw top-1
+    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '6'])
+    out = capsys.readouterr().out
+    assert '| 36 | 79.50 / 79.03 (+0.47) | 12.00 / 13.79 (-1.79) |' in out  # memory: its peak
+    assert '| 80 | - / 80.14 | - / 14.37 |' in out and '| 100 | - / - | - / - |' in out
+    assert 'left out' not in out  # the unfinished kd run is no cell of Table 6
+    with pytest.raises(SystemExit, match='holds no finished runs'):
+        evaluate_script.main(['--summarize', str(tmp_path), '--paper', '2'])  # no imagenet/ runs

@@ -108,7 +108,8 @@ def parser():
     g('--student', required=True, help='student model: a models.MODELS name or a timm name')
     g('--teacher-ckpt', metavar='PATH', help="teacher weights: a timm or official state_dict, a "
       "run's best.pt, a timm CheckpointSaver file (PATH:ema: its EMA weights), a .safetensors "
-      "file, or 'timm': timm's ImageNet classifier (default: trained here, see --teacher-dir)")
+      "file, 'timm': timm's ImageNet classifier, or 'random': untrained (dry runs) (default: "
+      "trained here, see --teacher-dir)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help='--method ce: start from timm ImageNet weights')
@@ -152,6 +153,7 @@ def parser():
       'sub-logit KL weight rises linearly from 0, per step')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
     g('--epochs', type=COUNT, default=30, help='epochs of the student')
+    g('--max-steps', type=COUNT, help='end each epoch after this many steps (paper.sh --dry-run)')
     g('--batch-size', type=COUNT, default=64, help='per process: the global batch is this times '
       'the number of processes')
     g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: by the "
@@ -203,7 +205,7 @@ def check_args(args):
                          '--overwrite to start over.')
     if args.resume:
         same_run(args, check_path('--resume: the checkpoint', last, 'file'))
-    if args.teacher_ckpt not in (None, 'timm'):  # PATH or PATH:ema
+    if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
         check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
     if not (args.teacher_ckpt or args.method == 'ce'):
         check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
@@ -287,7 +289,8 @@ def build(args, num_classes):
     student = models.create(args.student, num_classes, pretrained, *norm)
     if args.method == 'ce':  # the student alone, labels only
         return Distiller(student, label_smoothing=args.smoothing)
-    teacher = models.create(args.teacher, num_classes, args.teacher_ckpt, *norm)  # None: random
+    weights = None if args.teacher_ckpt == 'random' else args.teacher_ckpt  # None: untrained
+    teacher = models.create(args.teacher, num_classes, weights, *norm)
     common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
     fofa = args.method == 'fofa'
     if args.method in ('fofa', 'fitnet'):  # FitNet: FOFA without RAA's attention and AFP
@@ -590,6 +593,8 @@ def train(args, rank=0, world=1, device='cpu'):
                 save_state(args, model, opt, ema, rank, world, position)
             if stop:
                 raise Stopped(args.out, f'epoch {epoch + 1} step {i + 1}/{steps}')
+            if i + 1 == args.max_steps:  # a dry run: the epoch ends here
+                break
         stop = flags.previous()[0]
         train_s = time.time() - t0
         top1 = top5 = ema_top1 = None
