@@ -119,15 +119,16 @@ class Digits(torch.utils.data.Dataset):
     """Digits in memory; training images shift by up to +-pad pixels (no flips: they change
     digits), drawn from (seed, epoch, index): N processes see the batches one process would."""
     def __init__(self, x, y, pad=0):
-        self.x, self.y, self.pad, self.seed = x, y, pad, 0
+        self.x, self.y, self.pad = x, y, pad
 
     def __len__(self):
         return len(self.y)
 
-    def __getitem__(self, i):
+    def __getitem__(self, key):  # an index (validation), or (index, seed, epoch) from EpochSampler
+        i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
         x, p = self.x[i], self.pad
         if p:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            g = torch.Generator().manual_seed((seed * 10_007 + epoch) * 1_000_003 + i)
             r, c = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
             x = F.pad(x, (p, p, p, p))[:, r:r + self.x.shape[-2], c:c + self.x.shape[-1]]
         return x, self.y[i]
@@ -154,6 +155,54 @@ class TimedLoader(DataLoader):
             t0 = time.perf_counter()  # the step runs outside next()
         self.wait += time.perf_counter() - t0
 
+def sample_seed(*key):
+    """A 64-bit seed mixed from small integers (seed, epoch, index or step...): nearby keys give
+    unrelated streams."""
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+
+
+def seed_globals(*key, cuda=True):
+    """Seeds the generators that augmentations and batch draws use: Python's, NumPy's, torch's
+    CPU one, and torch's CUDA ones unless cuda=False (per image: the transforms run on the CPU)."""
+    s = sample_seed(*key)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    if cuda:
+        torch.manual_seed(s)
+    else:
+        torch.default_generator.manual_seed(s)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """An image dataset whose sample (index, seed, epoch) is augmented with the generators seeded
+    from that key, in the main process or in any loader worker: an image looks the same whatever
+    the rank, the number of workers or the step its epoch was resumed at."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, seed, epoch = key
+        seed_globals(seed, epoch, i, cuda=False)
+        return self.dataset[i]
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler's epoch permutation (seed + epoch), this rank's every world_size-th
+    sample, as (index, seed, epoch) keys: the key travels to the worker with the index, so the
+    dataset holds no epoch state (persistent workers see it too). The first `skip` samples are
+    left out, never loaded: a run resumed inside an epoch."""
+    skip = 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(i, self.seed, self.epoch) for i in indices])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
 
 def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
                   distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
@@ -164,17 +213,20 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
         raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
-    generator = torch.Generator().manual_seed(seed)  # worker base seeds; reseeded by set_epoch
+    # iter() draws the workers' base seeds from it, not from the global RNG; augmentation does not
+    # use them (SeededSamples)
+    generator = torch.Generator().manual_seed(seed)
     if dataset == 'digits':
         train_set, val_set = _digits_datasets(img_size, train_fraction)
         workers = 0  # already tensors in memory
     else:
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
+        train_set = SeededSamples(train_set)
     # one process is a world of size 1: the epoch's permutation is the same for any number of
     # processes, and rank r takes every world_size-th sample, so a step of N processes sees the
     # samples one process would in one batch
-    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=seed,
-                                       drop_last=True)
+    train_sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=seed,
+                                 drop_last=True)
     val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards
     # drop_last: FOFA keeps per-sample feedback from the previous batch: the batch size is fixed
     kw = dict(num_workers=workers, pin_memory=pin_memory)
@@ -191,17 +243,10 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
     return train_loader, val_loader, mixup
 
 
-def set_epoch(loader, epoch, seed):
-    """The epoch's sample order and augmentation, and the global RNGs (PIL transforms when
-    workers=0, Mixup's numpy draws, dropout), a function of (seed, epoch) only: resuming at an
-    epoch boundary is bit-exact."""
+def set_epoch(loader, epoch, seed, step=0):
+    """The epoch's sample order and every image's augmentation, a function of (seed, epoch) only,
+    from `step` on (the batches before it are not loaded): a resumed run is bit-exact. The global
+    RNGs (Mixup's draws, dropout) are seeded by train.py at every step (seed_globals)."""
     loader.sampler.seed = seed
     loader.sampler.set_epoch(epoch)  # same permutation on all ranks, disjoint shards
-    rank = loader.sampler.rank  # ranks must not share augmentation streams
-    if isinstance(loader.dataset, Digits):
-        loader.dataset.seed = seed * 10_007 + epoch  # per-image shifts, whatever the rank
-    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
-    loader.generator.manual_seed(s)  # worker base seeds
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    loader.sampler.skip = step * loader.batch_size

@@ -8,6 +8,8 @@ import pickle
 import shlex
 import random
 import re
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -597,31 +599,92 @@ def run_train(args, **kw):
     return subprocess.run([sys.executable, 'train.py', *args], cwd=HERE, capture_output=True, text=True, **kw)
 
 
-def test_resume_after_sigkill_mid_epoch_is_bit_exact(tmp_path):
-    import signal
-    import time
-    common = TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--recipe', 'vit', '--ema', '0.9',
-                     '--batch-size', '16', '--epochs', '3', '--teacher-ckpt', random_teacher(tmp_path / 't.pt')]
-    whole, cut = tmp_path / 'whole', tmp_path / 'cut'
-    assert run_train(common + ['--out', str(whole)], timeout=300).returncode == 0
-    p = subprocess.Popen([sys.executable, 'train.py', *common, '--out', str(cut)], cwd=HERE,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = cut / 'log.jsonl'
-    while not (log.exists() and log.read_text().count('\n') >= 1) and p.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # into epoch 2
-    p.send_signal(signal.SIGKILL)
-    assert p.wait() == -signal.SIGKILL, 'the run ended before it could be killed'
-    done = torch.load(cut / 'last.pt', weights_only=True)['epoch']
-    assert done < 3
-    (cut / 'last.pt.tmp').write_bytes(b'half a checkpoint')  # as if killed while saving: must be ignored
-    r = run_train(common + ['--out', str(cut), '--resume'], timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+def start_until(cmd, text, **kw):
+    """cmd started, its output (stderr too) read until a line holds text: (process, lines read)."""
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, **kw)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if text in line:
+            break
+    return p, lines
+
+
+def assert_same_run(whole, cut, epochs):
+    """cut (stopped, then resumed) ended with whole's weights, bit for bit, and logged each epoch
+    once, with whole's losses."""
     a, b = (torch.load(d / 'last.pt', weights_only=True) for d in (whole, cut))
     for key in ('model', 'ema'):  # student, RAA, AFP and its feedback buffers, EMA
-        assert a[key].keys() == b[key].keys()
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert (a[key] or {}).keys() == (b[key] or {}).keys()
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key] or {}), key
     assert a['optimizer']['state'].keys() == b['optimizer']['state'].keys()
+    logs = [[json.loads(line) for line in open(d / 'log.jsonl')] for d in (whole, cut)]
+    assert [r['epoch'] for r in logs[1]] == list(range(1, epochs + 1))
+    untimed = [[{k: v for k, v in r.items() if k not in ('img_per_s', 'peak_mem_gb')} for r in log]
+               for log in logs]
+    assert untimed[0] == untimed[1]  # an epoch cut in two logs the whole epoch's losses
+
+
+def test_sigterm_and_sigkill_mid_epoch_then_resume_are_bit_exact(tmp_path):
+    common = ['--dataset', 'digits', '--train-fraction', '0.15', '--batch-size', '16', '--dim', '64',
+              '--teacher', 'convnext_mini', '--student', 'vit_mini', '--recipe', 'vit', '--ema',
+              '0.9', '--epochs', '2', '--log-every', '1', '--teacher-ckpt',
+              random_teacher(tmp_path / 't.pt')]  # mixup, EMA; 11 steps an epoch
+    whole, term, kill = tmp_path / 'whole', tmp_path / 'term', tmp_path / 'kill'
+    assert run_train(common + ['--out', str(whole)], timeout=300).returncode == 0
+    # SIGTERM (SLURM, Kubernetes): the step ends, last.pt is written, a line says how to go on
+    p, _ = start_until([sys.executable, 'train.py', *common, '--out', str(term)], 'epoch 1 step 3/')
+    p.send_signal(signal.SIGTERM)
+    out = p.stdout.read()
+    assert p.wait() == train.STOPPED == 75, out[-2000:]
+    line = out.strip().splitlines()[-1]
+    ck = torch.load(term / 'last.pt', weights_only=True)
+    assert ck['epoch'] == 0 and 3 < ck['step'] < 11, line
+    assert line.startswith(f"SIGTERM: stopped at epoch 1 step {ck['step']}/11, saved in "
+                           f'{term}/last.pt; continue with: python train.py '), line
+    command = shlex.split(line.split('continue with: ')[1])
+    assert command[-1] == '--resume' and command[2:-1] == common + ['--out', str(term)]
+    assert run_train(command[2:], timeout=300).returncode == 0  # the command as printed
+    assert_same_run(whole, term, 2)
+    # SIGKILL after a checkpoint inside the epoch (--save-every-minutes), maybe while writing one
+    p, _ = start_until([sys.executable, 'train.py', *common, '--out', str(kill),
+                        '--save-every-minutes', '0.0001'], 'epoch 2 step 3/')
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL, 'the run ended before it could be killed'
+    ck = torch.load(kill / 'last.pt', weights_only=True)
+    assert ck['epoch'] == 1 and 1 <= ck['step'] < 11
+    (kill / 'last.pt.tmp').write_bytes(b'half a checkpoint')  # killed while saving: ignored
+    r = run_train(common + ['--out', str(kill), '--resume'], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(whole, kill, 2)
+
+
+def test_image_pipeline_with_workers_resumes_inside_an_epoch_bit_exact(fake_cifar, no_download,
+                                                                       monkeypatch, capsys):
+    """CIFAR-100 through RandAugment, erasing and mixup, in 2 loader workers: a SIGTERM in step 3
+    of 5 (the process signals itself), then --resume, give the uninterrupted run's weights."""
+    handler = signal.getsignal(signal.SIGTERM)
+    args = ['--dataset', 'cifar100', '--data-dir', str(fake_cifar), '--teacher', 'convnext_mini',
+            '--student', 'vit_mini', '--method', 'kd', '--recipe', 'vit', '--batch-size', '4',
+            '--epochs', '1', '--workers', '2',
+            '--teacher-ckpt', random_teacher(fake_cifar / 't.pt', classes=100)]
+    train.main(args + ['--out', str(fake_cifar / 'whole')])
+    reduce, steps = train.Flags.reduce, []
+
+    def signal_in_step_3(flags, bad):
+        steps.append(len(steps))
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return reduce(flags, bad)
+    monkeypatch.setattr(train.Flags, 'reduce', signal_in_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ['--out', str(fake_cifar / 'cut')])
+    assert e.value.code == 75 and 'SIGTERM: stopped at epoch 1 step 4/5' in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is handler  # the handlers are put back
+    monkeypatch.setattr(train.Flags, 'reduce', reduce)
+    train.main(args + ['--out', str(fake_cifar / 'cut'), '--resume'])
+    assert_same_run(fake_cifar / 'whole', fake_cifar / 'cut', 1)
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -885,6 +948,39 @@ def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tmp_path, back
     assert moved
 
 
+def worker_pid(launcher, rank):
+    """The pid of torchrun's worker of this rank (a child process of the launcher)."""
+    for task in os.listdir(f'/proc/{launcher}/task'):
+        for pid in open(f'/proc/{launcher}/task/{task}/children').read().split():
+            env = open(f'/proc/{pid}/environ', 'rb').read().split(b'\0')
+            if f'RANK={rank}'.encode() in env:
+                return int(pid)
+    raise AssertionError(f'torchrun {launcher} has no worker of rank {rank}')
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_goes_on_bit_exact(tmp_path):
+    common = ['--dataset', 'digits', '--train-fraction', '0.1', '--dim', '64', '--teacher',
+              'convnext_mini', '--student', 'vit_mini', '--recipe', 'vit', '--epochs', '2',
+              '--batch-size', '8', '--teacher-ckpt',
+              random_teacher(tmp_path / 't.pt')]  # FOFA's feedback and mixup per rank; 7 steps
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node',
+                '2', '--max-restarts', '1', 'train.py', *common]
+    # torchrun's c10d rendezvous keeps its store, stale keys included, across restarts unless it
+    # is told not to share it with the workers: https://github.com/pytorch/pytorch/issues/135712
+    env = {**CPU_ENV, 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE': '1'}
+    whole = subprocess.run(torchrun + ['--out', str(tmp_path / 'whole')], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    p, lines = start_until(torchrun + ['--out', str(tmp_path / 'cut'), '--overwrite'],
+                           '{"epoch": 1,', env=env)
+    os.kill(worker_pid(p.pid, 1), signal.SIGKILL)  # after epoch 1: torchrun restarts both workers
+    out = p.stdout.read()
+    assert p.wait() == 0, out[-3000:]
+    printed = ''.join(lines) + out  # epoch 1 was not redone: the restarted workers kept the run
+    assert printed.count('{"epoch": 1,') == printed.count('{"epoch": 2,') == 1, out[-3000:]
+    assert_same_run(tmp_path / 'whole', tmp_path / 'cut', 2)  # despite --overwrite
+
+
 def fast_path_gap(device, compile=True):
     """One FOFA step (prompts on, feedback from a first step) in train.py's fast path: bf16 autocast, student and
     teacher compiled, channels_last, against the fp32 eager step on `device`. Returns (the largest loss gap relative to
@@ -1034,6 +1130,28 @@ def test_default_workers_share_the_usable_cores_among_local_processes(monkeypatc
     assert data.default_workers() == workers
     assert train.get_args(['--student', 'vit_mini']).workers == workers
     assert train.get_args(['--student', 'vit_mini', '--workers', '0']).workers == 0  # the flag wins
+
+def test_augmentation_is_per_image_whatever_the_workers_the_ranks_or_the_first_step(
+        fake_cifar, no_download):
+    """Each image is augmented from (seed, epoch, index): the batches do not depend on the loader
+    workers, on the rank (two ranks' batches interleave into one process's batch of twice the
+    size) or on where the epoch starts (set_epoch at step k gives the epoch's batches from k on,
+    and loads only those)."""
+    def epoch(workers=0, rank=0, world=1, batch=4, step=0):
+        loader, _, _ = data.build_loaders('cifar100', str(fake_cifar), 32, batch, recipe='vit',
+                                          workers=workers, distributed=world > 1, rank=rank,
+                                          world_size=world, seed=3)
+        data.set_epoch(loader, 1, 3, step)
+        assert len(loader) == 20 // world // batch - step  # 20 images
+        return [(x, y) for x, y in loader]
+    same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    whole = epoch()
+    assert len(whole) == 5 and all(map(same, whole, epoch(workers=2)))
+    assert all(map(same, whole[3:], epoch(workers=2, step=3)))
+    ranks = [epoch(rank=r, world=2, batch=2) for r in (0, 1)]
+    interleaved = [(torch.stack([a, b], 1).flatten(0, 1), torch.stack([y, z], 1).flatten())
+                   for (a, y), (b, z) in zip(*ranks)]
+    assert all(map(same, whole, interleaved))
 
 
 def test_cifar100_missing(tmp_path, no_download):

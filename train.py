@@ -6,8 +6,10 @@
 
 Without --teacher-ckpt the teacher is first trained here with --method ce and cached in
 --teacher-dir. Each epoch appends a line to <out>/log.jsonl and writes <out>/last.pt (all to
-resume) and best.pt, with a timm state_dict under 'student'. An epoch's data depend only on
-(seed, epoch): --resume redoes the interrupted one exactly.
+resume) and best.pt, with a timm state_dict under 'student'. A step's data depend only on (seed,
+epoch, step): --resume continues exactly from the step last.pt was written at. SIGTERM or SIGUSR1
+stop the run after the step in progress, write last.pt and exit with code 75; workers restarted by
+torchrun --max-restarts resume from last.pt by themselves.
 """
 import argparse
 import datetime
@@ -17,6 +19,9 @@ import math
 import os
 import pathlib
 import resource
+import shlex
+import signal
+import sys
 import time
 from contextlib import nullcontext, suppress
 
@@ -45,7 +50,8 @@ MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 # flags that may change on --resume
 RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume',
              'recompute_stages', 'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
-             'teacher_ckpt'}
+             'teacher_ckpt', 'save_every_minutes'}
+STOPPED = 75  # exit code after a stop on SIGTERM/SIGUSR1: EX_TEMPFAIL (sysexits.h), to requeue on
 # removed flags, with the values that made a run's model another one: such runs cannot resume
 RETIRED = {'--afp-prompt spatial': ('afp_prompt', 'spatial'), '--no-raa': ('no_raa', True)}
 
@@ -94,7 +100,9 @@ OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
 
 
 def parser():
-    p = Parser(description=__doc__.split('\n')[0], formatter_class=Help)
+    p = Parser(description=__doc__.split('\n')[0], formatter_class=Help, epilog='SIGTERM or '
+               'SIGUSR1 stop a run after the step in progress: it writes last.pt and exits with '
+               f'code {STOPPED} (EX_TEMPFAIL).')
     g = p.add_argument_group('models and data').add_argument
     g('--teacher', help='teacher model: a models.MODELS name or a timm name (every method but ce)')
     g('--student', required=True, help='student model: a models.MODELS name or a timm name')
@@ -172,6 +180,8 @@ def parser():
     g('--log-every', type=COUNT, default=50, help='steps between progress lines')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (the last is always '
       'tested); the others log top1 null')
+    g('--save-every-minutes', type=NONNEG, default=15.0, help='also write last.pt inside an epoch, '
+      'at the first step this long after the last save (0: at the end of epochs only)')
     return p
 
 
@@ -189,6 +199,8 @@ def check_args(args):
                          'be > 0.')
     check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
+        args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
                          '--overwrite to start over.')
@@ -361,28 +373,38 @@ def setup(args, rank, world, device):
     return loaders, model, opt, sched, ema
 
 
-def start_run(args, model, opt, ema, rank, device):
-    """--resume: all from last.pt; else --out loses an old run's files. Returns (epoch, best)."""
+def start_run(args, model, opt, ema, rank, world, device):
+    """--resume: all from last.pt, at the step it was written at (log lines written after it are
+    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the tally
+    of the interrupted epoch or None)."""
     if not args.resume:
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             for f in ('log.jsonl', 'last.pt', 'best.pt'):
                 pathlib.Path(args.out, f).unlink(missing_ok=True)
             pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
-        return 0, {'top1': -1.0}
+        return 0, 0, {'top1': -1.0}, None
     ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-    if rank:  # the saved feedback is rank 0's batch: other ranks restart theirs from zero
+    fits = len(ck.get('feedback', [])) == world - 1  # rank 0's feedback is in 'model'
+    if rank and fits:
+        ck['model'].update(ck['feedback'][rank - 1])
+    elif rank:  # saved by another number of processes: this rank's feedback starts from zero
         ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
-    model.load_state_dict(ck['model'], strict=not rank)
+    model.load_state_dict(ck['model'], strict=rank == 0 or fits)
     opt.load_state_dict(ck['optimizer'])
     if ema:
         ema.load_state_dict(ck['ema'])
-    return ck['epoch'], ck['best']
+    log = pathlib.Path(args.out, 'log.jsonl')
+    lines = log.read_text().splitlines(True) if rank == 0 and log.exists() else []
+    kept = [line for line in lines if json.loads(line)['epoch'] <= ck['epoch']]
+    if len(kept) < len(lines):
+        pathlib.Path(f'{log}.tmp').write_text(''.join(kept))
+        os.replace(f'{log}.tmp', log)
+    return ck['epoch'], ck.get('step', 0), ck['best'], ck.get('tally')
 
 
-def save_epoch(args, rec, model, opt, ema, best):
-    """rec to log.jsonl, the best student so far (raw or EMA: NOTES.md, Metrics) to best.pt, all
-    to last.pt."""
+def save_epoch(args, rec, model, ema, best):
+    """rec to log.jsonl, the best student so far (raw or EMA: NOTES.md, Metrics) to best.pt."""
     with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(rec) + '\n')
     top1, ema_top1 = rec['top1'], rec['top1_ema'] or -1.0
@@ -392,11 +414,69 @@ def save_epoch(args, rec, model, opt, ema, best):
         student = ema.module if which == 'ema' else model.student
         save({'student': student.net.state_dict(), 'which': which, 'epoch': rec['epoch'],
               'args': vars(args)}, os.path.join(args.out, 'best.pt'))
-    save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
-          'optimizer': opt.state_dict(), 'ema': ema.state_dict() if ema else None,
-          'epoch': rec['epoch'], 'best': best, 'top1': top1, 'args': vars(args)},
-         os.path.join(args.out, 'last.pt'))
     return best
+
+
+def save_state(args, model, opt, ema, rank, world, position):
+    """last.pt (rank 0): all to resume at position (epoch, step, ...), every rank's FOFA feedback
+    (Eq. 5) included. A collective: every rank calls it at the same step."""
+    feedback = [{} for _ in range(world)]  # per rank: {buffer name: tensor}
+    for k, v in model.state_dict().items() if world > 1 else ():
+        if k.endswith('.feedback'):  # one shape on every rank (drop_last): a gather, no pickling
+            parts = [torch.empty_like(v) for _ in range(world)] if rank == 0 else None
+            dist.gather(v, parts)
+            for own, part in zip(feedback, parts or ()):
+                own[k] = part
+    if rank == 0:
+        save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
+              'feedback': feedback[1:], 'optimizer': opt.state_dict(),
+              'ema': ema.state_dict() if ema else None, **position, 'args': vars(args)},
+             os.path.join(args.out, 'last.pt'))
+
+
+class Stopped(Exception):
+    """Raised by train() after it wrote last.pt on a SIGTERM/SIGUSR1: (out, where it stopped)."""
+
+
+class Flags:
+    """Each step's [non-finite loss, stop, save] flags, max-reduced over the ranks by the step's
+    one all_reduce, so that every rank skips, saves or stops at the same step. stop: a SIGTERM or
+    SIGUSR1 reached a rank (ask_to_stop); save: rank 0's clock, every --save-every-minutes. The
+    host reads them one step late, from a copy queued behind the step's kernels: it never waits
+    for the GPU."""
+    signal = None  # the name of the signal received
+
+    def __init__(self, minutes, rank):
+        self.every, self.rank, self.pending = minutes * 60, rank, None
+        self.next_save = time.time() + self.every
+
+    def reduce(self, bad):
+        due = self.rank == 0 and self.every > 0 and time.time() >= self.next_save
+        if due:
+            self.next_save = time.time() + self.every
+        flags = torch.stack([bad, bad.new_full((), self.signal is not None), bad.new_full((), due)])
+        if dist.is_initialized():
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        return flags
+
+    def previous(self, flags=None):
+        """(stop, save) agreed at the step before; flags: this step's, read at the next call (None:
+        the epoch is over, the last step's are read now)."""
+        last, self.pending = self.pending, None
+        if flags is not None:
+            self.pending = flags[1:].to('cpu', non_blocking=True), None
+            if flags.is_cuda:
+                self.pending = self.pending[0], torch.cuda.Event()
+                self.pending[1].record()
+        if last is None:
+            return False, False
+        if last[1] is not None:
+            last[1].synchronize()
+        return tuple(v > 0 for v in last[0].tolist())
+
+
+def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR1 (SLURM --signal)
+    Flags.signal = signal.Signals(signum).name
 
 
 class Tally:
@@ -407,8 +487,11 @@ class Tally:
         self.streak = self.worst = torch.zeros((), device=device)  # in a row: now, the longest
         self.nonfinite = {}  # per loss term, to name the culprit
 
-    def new_epoch(self):
-        self.sums, self.skipped = {}, torch.zeros_like(self.streak)
+    def new_epoch(self, part=None):  # part: the epoch's steps before a stop (last.pt)
+        self.sums, self.skipped = part or ({}, torch.zeros_like(self.streak))
+
+    def part(self):
+        return self.sums, self.skipped
 
     def add(self, terms, bad):
         self.skipped, self.streak = self.skipped + bad, (self.streak + 1) * bad
@@ -443,7 +526,7 @@ def peak_memory_gb(device):
 
 def train(args, rank=0, world=1, device='cpu'):
     (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, rank, world, device)
-    start, best = start_run(args, model, opt, ema, rank, device)
+    start, first, best, resumed = start_run(args, model, opt, ema, rank, world, device)
     student, teacher, steps = model.student, model.teacher, len(train_loader)
     for module in (student, teacher) if args.compile else ():  # the distillers' own stay eager
         if module is not None:
@@ -461,16 +544,19 @@ def train(args, rank=0, world=1, device='cpu'):
               f'{world * args.batch_size}, {steps} steps/epoch, {trainable:.2f}M trainable '
               f'parameters{teacher_note}')
     fused, tally, epoch_s = opt.defaults.get('fused', False), Tally(device), None
+    flags = Flags(args.save_every_minutes, rank)
     for epoch in range(start, args.epochs):
-        data.set_epoch(train_loader, epoch, args.seed)
+        first = first if epoch == start else 0  # > 0: resumed inside this epoch
+        data.set_epoch(train_loader, epoch, args.seed, first)
         model.train()
-        tally.new_epoch()
+        tally.new_epoch(resumed if first else None)
         t0 = time.time()
         if device != 'cpu':
             torch.cuda.reset_peak_memory_stats()
-        for i, (x, y) in enumerate(train_loader):
+        for i, (x, y) in enumerate(train_loader, first):
             step = epoch * steps + i
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            data.seed_globals(args.seed, epoch, i, rank)  # Mixup's draws and dropout, per step
             if mixup:
                 x, y = mixup(x, y)
             if args.channels_last:
@@ -479,9 +565,8 @@ def train(args, rank=0, world=1, device='cpu'):
             model.progress = (step + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
             with ctx:
                 _, terms = net(x, y)
-            bad = (~torch.isfinite(terms['total'])).float()
-            if world > 1:
-                dist.all_reduce(bad, dist.ReduceOp.MAX)  # every rank skips together
+            agreed = flags.reduce((~torch.isfinite(terms['total'])).float())
+            bad = agreed[0]  # every rank skips together
             terms['total'].backward()
             if args.clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
@@ -496,15 +581,22 @@ def train(args, rank=0, world=1, device='cpu'):
             if (i + 1) % args.log_every == 0 or i + 1 == steps:  # host reads only here
                 tally.check()
                 if rank == 0 and i + 1 < steps:
-                    step_s = (time.time() - t0) / (i + 1)
+                    step_s = (time.time() - t0) / (i + 1 - first)
                     left = step_s * (steps - i - 1)  # then the epochs to go, at the last one's pace
                     run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps)
                     loss = terms['total'].item()
                     print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {loss:.4f} '
                           f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch '
                           f'{hms(left)}, run {hms(run_left)}', flush=True)
+            stop, save_now = flags.previous(agreed)
+            if stop or save_now:
+                position = dict(epoch=epoch, step=i + 1, best=best, tally=tally.part())
+                save_state(args, model, opt, ema, rank, world, position)
+            if stop:
+                raise Stopped(args.out, f'epoch {epoch + 1} step {i + 1}/{steps}')
             if i + 1 == args.max_steps:  # a dry run: the epoch ends here
                 break
+        stop = flags.previous()[0]
         train_s = time.time() - t0
         top1 = top5 = ema_top1 = None
         extra = {}
@@ -517,13 +609,17 @@ def train(args, rank=0, world=1, device='cpu'):
             rec = {'epoch': epoch + 1, **tally.means(steps), 'top1': top1, 'top5': top5,
                    'top1_ema': ema_top1, 'teacher_top1': teacher_top1, **extra,
                    'lr': opt.param_groups[0]['lr'],
-                   'img_per_s': round(steps * args.batch_size * world / train_s, 1),
+                   'img_per_s': round((steps - first) * args.batch_size * world / train_s, 1),
                    'data_wait': round(train_loader.wait / train_s, 4),
                    'peak_mem_gb': peak_memory_gb(device)}
-            best = save_epoch(args, rec, model, opt, ema, best)
+            best = save_epoch(args, rec, model, ema, best)
+        save_state(args, model, opt, ema, rank, world, dict(epoch=epoch + 1, best=best, top1=top1))
+        if rank == 0:
             epoch_s = time.time() - t0  # training, tests and saving
             left = epoch_s * (args.epochs - epoch - 1)
             print(json.dumps(rec), f'| run time left {hms(left)}', flush=True)
+        if stop and epoch + 1 < args.epochs:
+            raise Stopped(args.out, f'the end of epoch {epoch + 1}')
     if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
@@ -540,11 +636,14 @@ def teacher_checkpoint(args, rank, world, device):
     key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}{pre}'
     path = os.path.join(args.teacher_dir, key + '.pt')
     if not os.path.isfile(path):
-        targs = get_args(['--student', args.teacher, '--method', 'ce', '--overwrite'])
+        out = os.path.join(args.teacher_dir, key)
+        # a teacher run stopped by a signal goes on (the recipe gives its other flags)
+        resume = '--resume' if os.path.isfile(os.path.join(out, 'last.pt')) else '--overwrite'
+        targs = get_args(['--student', args.teacher, '--method', 'ce', resume])
         for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
                   'train_fraction', 'log_every', 'eval_every', 'pretrained'):
             setattr(targs, k, getattr(args, k))
-        targs.out = os.path.join(args.teacher_dir, key)
+        targs.out = out
         targs.epochs = args.teacher_epochs or args.epochs
         check_args(targs)
         targs.recipe = family_recipe(args.teacher, args.img_size)  # the recipe's other flags
@@ -577,11 +676,36 @@ def main(argv=None):
         args.amp = device != 'cpu'
     if world > 1:
         dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
-    if args.method != 'ce' and not args.teacher_ckpt:
-        args.teacher_ckpt = teacher_checkpoint(args, rank, world, device)
-    train(args, rank, world, device)
+    Flags.signal = None
+    handlers = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        if args.method != 'ce' and not args.teacher_ckpt:
+            args.teacher_ckpt = teacher_checkpoint(args, rank, world, device)
+        train(args, rank, world, device)
+    except Stopped as stop:
+        out, where = stop.args
+        if rank == 0:
+            command = continue_command(args, argv, world, out)
+            print(f'{Flags.signal or "a signal to another process"}: stopped at {where}, saved in '
+                  f'{out}/last.pt; continue with: {command}', flush=True)
+        raise SystemExit(STOPPED) from None
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     if world > 1:
         dist.destroy_process_group()
+
+
+def continue_command(args, argv, world, out):
+    """The command that continues a stopped run: its flags with --resume (a stopped teacher run,
+    out != --out, goes on by itself: the same command)."""
+    flags = sys.argv[1:] if argv is None else argv
+    if out == args.out:
+        flags = [f for f in flags if f not in ('--resume', '--overwrite')] + ['--resume']
+    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    nodes = f'--nnodes {world // local} ' if world > local else ''  # and the rendezvous flags
+    launcher = f'torchrun {nodes}--nproc_per_node {local}' if world > 1 else 'python'
+    return f'{launcher} {shlex.quote(os.path.relpath(__file__))} {shlex.join(flags)}'
 
 
 if __name__ == '__main__':
