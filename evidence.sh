@@ -76,5 +76,5 @@ done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 echo "all runs: $((SECONDS - start)) s; seconds per pair and config (all seeds):"
 awk -F'\t' '{s[$1 " " $2] += $4} END {for (k in s) print k, s[k]}' "$RESULTS/times.tsv" | sort
 python eval.py --summarize "$RESULTS" --paired kd:ce raa:ce fofa:ce raa:fitnet afp_nofeedback:raa \
-  fofa:afp_nofeedback fofa:raa fofa_gamma16:fofa fofa_clip5:fofa  # the regime, the Table 4 ladder, the hypotheses
+  fofa:afp_nofeedback fofa:raa fofa_gamma16:fofa fofa_clip5:fofa dkd:ce hcd:ce  # regime, ladder, hypotheses
 python eval.py --summarize "$RESULTS" --curves results/curves.png
