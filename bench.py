@@ -1,7 +1,5 @@
-"""Time and peak memory of a training step per method, on synthetic data (README, Speed and memory).
-
-    python bench.py --teacher convnext_t --student deit_t --batch-size 16 --steps 5 --rounds 3
-    python bench.py --teacher convnext_t --student deit_t --batch-size 128 --amp --compile  # CUDA
+"""Time and peak memory of a training step per method, on synthetic data (README, Speed and memory):
+    python bench.py --teacher convnext_t --student deit_t --batch-size 128 --amp --compile
     python bench.py --selfcheck  # a new machine: the CUDA tests, two pairs, the loader; one table
 """
 import copy
@@ -158,8 +156,8 @@ def parser():
 
 
 def main(argv=None):
-    p, argv = parser(), sys.argv[1:] if argv is None else list(argv)
-    args = p.parse_args(argv + ['--student', ''] if '--selfcheck' in argv else argv)  # in --pairs
+    argv = sys.argv[1:] if argv is None else list(argv)  # --selfcheck: the pairs are in --pairs
+    args = parser().parse_args(argv + ['--student', ''] if '--selfcheck' in argv else argv)
     args.batch_size, args.steps, args.warmup = (d if v is None else v for v, d in zip(
         (args.batch_size, args.steps, args.warmup), (128, 20, 3) if args.selfcheck else (64, 5, 2)))
     methods = ['ce', 'kd', 'floor', 'fofa'] if args.selfcheck else args.methods.split(',')
@@ -173,9 +171,8 @@ def main(argv=None):
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     args.amp = device != 'cpu' if args.amp is None else args.amp
     args.compile |= args.selfcheck and device != 'cpu'
-    if device == 'cpu':
-        torch.set_num_threads(os.cpu_count())
-    else:
+    torch.set_num_threads(os.cpu_count())  # the CPU's share of the step (all of it without CUDA)
+    if device != 'cpu':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ctx = torch.autocast(device, torch.bfloat16) if args.amp else nullcontext()
     start, table, first = time.perf_counter(), cuda_tests() if args.selfcheck else {}, None
