@@ -148,7 +148,8 @@ def parser():
     g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: student stages with a head')
     g('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
-    g('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (mean over stages)')
+    g('--hcd-kl', type=NONNEG, default=6.0,
+      help='HCD: weight of the sub-logit KL (mean over the stages)')
     g('--hcd-warmup', type=SHARE, default=20 / 240, help='HCD: share of the run over which the '
       'sub-logit KL weight rises linearly from 0, per step')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
