@@ -74,8 +74,8 @@ def draw_attention(args):
 
 
 def load_runs(root):
-    """{pair: {config: {seed: log records}}} of the finished runs (last epoch >= --epochs) in
-    root/<pair>/<config>/<seed>/log.jsonl, and {(pair, config): 'n diverged, m unfinished'}."""
+    """{pair: {config: {seed: log records}}} of the finished runs (last epoch >= --epochs), and
+    {(pair, config): 'n diverged, m unfinished'} for the others."""
     runs, left = defaultdict(dict), defaultdict(lambda: [0, 0])
     for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl'))):  # by name
         pair, config, seed = log.split(os.sep)[-4:-1]
@@ -92,8 +92,7 @@ def load_runs(root):
     return runs, {k: f'{d} diverged, {u} unfinished' for k, (d, u) in left.items()}
 
 
-def run_top1(records, metric):
-    """A run's top-1 as METRICS[metric] says."""
+def run_top1(records, metric):  # a run's top-1, as METRICS[metric] says
     if metric == 'last':
         return records[-1]['top1']
     return max(max(e['top1'], e.get('top1_ema') or 0) for e in records if e['top1'] is not None)
@@ -121,26 +120,26 @@ def markdown(*cells, head=False):  # a table row; head: the table's first two li
 
 
 def summarize(root, comparisons=()):
-    """A markdown table per pair: final and best top-1 (mean +- std over seeds), the drift, the
-    paired (same seed and data order) final top-1 minus kd's, raa's and fofa's, the prompted
-    teacher's final top-1; then one of the paired differences A - B (comparisons 'A:B')."""
+    """Markdown tables of mean +- std over seeds: per pair and config, final and best top-1, drift,
+    paired (same seed) differences to kd, raa and fofa, prompted teacher; then 'A:B' comparisons."""
     (runs, left), finals, refs = load_runs(root), {}, ('kd', 'raa', 'fofa')
     for pair, configs in sorted(runs.items()):
         final = finals[pair] = {c: {s: r[-1]['top1'] for s, r in seeds.items()}
                                 for c, seeds in configs.items()}
-        records = [r for seeds in configs.values() for r in seeds.values()]
-        teacher = next((r[-1]['teacher_top1'] for r in records if r[-1]['teacher_top1']), 0)
-        tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None}
-                                    for r in records))  # best: over the epochs all tested
+        logs = [r for seeds in configs.values() for r in seeds.values()]
+        teacher = next((r[-1]['teacher_top1'] for r in logs if r[-1]['teacher_top1']), 0)
+        # best top-1 and drift: over the epochs tested in every run of the pair
+        tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None} for r in logs))
         print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher:.2f}\n')
         print(markdown('config', 'seeds', 'final top-1', 'best top-1', 'last 20% - previous 20%',
                        *(f'final - {ref} (paired)' for ref in refs), 'prompted teacher top-1',
                        head=True))
         for c, seeds in configs.items():
-            note, logs = f' ({left[pair, c]})' if (pair, c) in left else '', seeds.values()
-            prompted = [p for r in logs if (p := r[-1].get('prompted_teacher_top1'))]
-            best = [run_top1([e for e in r if e['epoch'] in tested], 'best') for r in logs]
-            drifts = [d for r in logs if (d := drift(r, tested)) is not None]
+            note = f' ({left[pair, c]})' if (pair, c) in left else ''
+            prompted = [p for r in seeds.values() if (p := r[-1].get('prompted_teacher_top1'))]
+            best = [run_top1([e for e in r if e['epoch'] in tested], 'best')
+                    for r in seeds.values()]
+            drifts = [d for r in seeds.values() if (d := drift(r, tested)) is not None]
             print(markdown(c, f'{len(seeds)}{note}', ms(final[c].values()), ms(best), ms(drifts),
                            *(ms(diffs(final, c, ref)) for ref in refs), ms(prompted)))
     if comparisons:  # one column per pair
@@ -208,9 +207,8 @@ METRICS = {'best': "the best tested epoch's top-1 of max(raw, EMA student), the 
 
 
 def paper_table(root, table, metric):
-    """The runs of paper.sh TABLE under root beside PAPER_NUMBERS: per cell our mean +- std over
-    the finished seeds / the paper's number (ours - paper); Tables 1-2 end with the paper's last
-    row, the mean gain over the student from scratch (S.)."""
+    """paper.sh TABLE's runs under root beside PAPER_NUMBERS, cell by cell; Tables 1-2 end with
+    the paper's last row, the mean gain over the student from scratch (S.)."""
     dataset = 'imagenet' if table == '2' else 'cifar100'
     runs, left = load_runs(os.path.join(root, dataset))
     with open(PAPER_NUMBERS, newline='') as f:
@@ -227,8 +225,8 @@ def paper_table(root, table, metric):
         teachers = [r[-1]['teacher_top1'] for seeds in runs.get(pair, {}).values()
                     for r in seeds.values() if r[-1]['teacher_top1'] is not None]
         ours[pair, 'teacher', 'top1'] = teachers[:1]
-        scratch = f'scratch-{pair.split("-")[1]}'
-        ours[pair, 'scratch', 'top1'] = ours.get((scratch, 'ce', 'top1'), [])
+        student = pair.split('-')[1]
+        ours[pair, 'scratch', 'top1'] = ours.get((f'scratch-{student}', 'ce', 'top1'), [])
 
     def cell(key, count=''):  # ours / the paper's (ours - paper), '-' where missing
         mine, theirs = ours.get(key), paper.get(key)
@@ -250,11 +248,10 @@ def paper_table(root, table, metric):
         for pair in pairs:
             cells = (cell((pair, c, 'top1')) for c in PAPER_GRID)
             print(markdown(pair.replace('-', ' -> '), *cells))
-        means = {k: mean(v) for k, v in ours.items() if v}
         cells = []
         for c in list(PAPER_GRID)[2:]:  # ours: the mean over the pairs with both, counted in ()
-            gains = [means[p, c, 'top1'] - means[p, 'scratch', 'top1'] for p in pairs
-                     if (p, c, 'top1') in means and (p, 'scratch', 'top1') in means]
+            gains = [mean(ours[p, c, 'top1']) - mean(ours[p, 'scratch', 'top1']) for p in pairs
+                     if ours.get((p, c, 'top1')) and ours[p, 'scratch', 'top1']]
             ours['average', c, 'gain'] = [mean(gains)] if gains else []
             cells.append(cell(('average', c, 'gain'), f' ({len(gains)})' if gains else ''))
         print(f'| average gain over S. (pairs) | | | {" | ".join(cells)} |')
@@ -273,8 +270,7 @@ def paper_table(root, table, metric):
 def parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
-    p.add_argument('--ckpt', help="a run's best.pt or last.pt, a timm checkpoint (PATH:ema: its "
-                   "EMA), or 'timm'")
+    p.add_argument('--ckpt', help="a checkpoint (PATH:ema: a timm checkpoint's EMA), or 'timm'")
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
     p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224; *_mini: 32)")
