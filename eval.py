@@ -228,13 +228,13 @@ def paper_table(root, table, metric):
         student = pair.split('-')[1]
         ours[pair, 'scratch', 'top1'] = ours.get((f'scratch-{student}', 'ce', 'top1'), [])
 
-    def cell(key, count=''):  # ours / the paper's (ours - paper), '-' where missing
+    def cell(key, n_pairs=0):  # ours / the paper's (ours - paper), '-' where missing; (n_pairs)
         mine, theirs = ours.get(key), paper.get(key)
         text = (ms(mine) if len(mine) > 1 else f'{mine[0]:.2f}') if mine else '-'
         text += ' / -' if theirs is None else f' / {theirs:.2f}'
         if mine and theirs is not None:
             text += f' ({mean(mine) - theirs:+.2f})'
-        return text + count
+        return text + (f' ({n_pairs})' if n_pairs else '')
 
     print(f"Table {table} ({dataset}): ours / the paper's (ours - paper). Ours: mean ± std over "
           f"the finished seeds of {METRICS[metric]}. The paper's numbers: {PAPER_NUMBERS}.\n")
@@ -248,12 +248,11 @@ def paper_table(root, table, metric):
         for pair in pairs:
             cells = (cell((pair, c, 'top1')) for c in PAPER_GRID)
             print(markdown(pair.replace('-', ' -> '), *cells))
-        cells = []
-        for c in list(PAPER_GRID)[2:]:  # ours: the mean over the pairs with both, counted in ()
-            gains = [mean(ours[p, c, 'top1']) - mean(ours[p, 'scratch', 'top1']) for p in pairs
+        gains = {c: [mean(ours[p, c, 'top1']) - mean(ours[p, 'scratch', 'top1']) for p in pairs
                      if ours.get((p, c, 'top1')) and ours[p, 'scratch', 'top1']]
-            ours['average', c, 'gain'] = [mean(gains)] if gains else []
-            cells.append(cell(('average', c, 'gain'), f' ({len(gains)})' if gains else ''))
+                 for c in list(PAPER_GRID)[2:]}  # ours: over the pairs with both, counted in ()
+        ours.update({('average', c, 'gain'): [mean(g)] for c, g in gains.items() if g})
+        cells = (cell(('average', c, 'gain'), len(g)) for c, g in gains.items())
         print(f'| average gain over S. (pairs) | | | {" | ".join(cells)} |')
     counts = [len(v) for (_, c, m), v in ours.items()
               if m == 'top1' and v and c not in ('teacher', 'scratch')]
