@@ -202,8 +202,9 @@ PAPER_ROWS = {  # Tables 4-6, all on ConvNeXt-T -> DeiT-T: config -> row
     '5': {**BASELINE, **{f'afp{s}': ','.join(s) for s in AFP_SETS}, 'fofa': '1,2,3,4',
           'paper_row5': "the paper's row 5", 'paper_row6': "the paper's row 6"},
     '6': {**BASELINE, 'nq36': '36', 'fofa': '64', 'nq80': '80', 'nq100': '100', 'nq144': '144'}}
-METRICS = {'best': "the best tested epoch's top-1 of max(raw, EMA student), the official code's "
-                   'metric', 'last': "the last epoch's top-1, raw student"}
+METRICS = {  # --metric: a run's top-1
+    'best': "the best tested epoch's top-1 of max(raw, EMA student), the official code's metric",
+    'last': "the last epoch's top-1, raw student"}
 
 
 def paper_table(root, table, metric):
