@@ -86,8 +86,8 @@ def _image_datasets(dataset, data_dir, img_size, recipe):
         except (OSError, RuntimeError) as e:
             folder = os.path.join(data_dir, 'cifar-100-python')
             raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
-                             "and extract cifar-100-python.tar.gz from "
-                             f"https://www.cs.toronto.edu/~kriz/cifar.html into {data_dir} (--data-dir).")
+                             "and extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
+                             f"into {data_dir} (--data-dir).")
     paths = [_imagefolder(data_dir, split) for split in ('train', 'val')]
     train = torchvision.datasets.ImageFolder(paths[0], tf_train)
     val = torchvision.datasets.ImageFolder(paths[1], tf_val)

@@ -1,19 +1,18 @@
 """Evaluate saved students, draw RAA's attention, summarise many runs.
 
-    python eval.py --model deit_t --ckpt runs/x/best.pt --dataset cifar100     # top-1/top-5, printed and as JSON
-    python eval.py --ckpt runs/x/last.pt --attn attn.png                      # RAA attention of a FOFA run (Fig. 3)
-    python eval.py --summarize runs/evidence                                   # mean +- std over seeds, as markdown
-    python eval.py --summarize runs/evidence --curves curves.png               # learning curves per pair
-    python eval.py --summarize runs/paper --paper 1                            # next to Table 1
+    python eval.py --model deit_t --ckpt runs/x/best.pt --dataset cifar100  # top-1, top-5 (+ JSON)
+    python eval.py --ckpt runs/x/last.pt --attn attn.png                    # RAA attention (Fig. 3)
+    python eval.py --summarize runs/evidence                                # mean +- std over seeds
+    python eval.py --summarize runs/evidence --curves curves.png            # learning curves
+    python eval.py --summarize runs/paper --paper 1                         # next to Table 1
 """
 import argparse
 import csv
 import glob
 import json
 import os
-import statistics
 from collections import defaultdict
-from contextlib import nullcontext
+from statistics import mean, stdev
 
 import numpy as np
 import torch
@@ -25,18 +24,20 @@ import train
 
 def accuracy(args):
     img_size = args.img_size or models.INPUT_SIZE.get(args.model, 224)
-    train.family_recipe(args.model, img_size, 'model')  # an unknown model or one that cannot take --img-size
-    nc, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset] or (None, None)
-    try:
-        net = models.create(args.model, nc, args.ckpt, *norm)  # a file, PATH:ema, or 'timm' (ImageNet weights)
+    train.family_recipe(args.model, img_size, 'model')  # an unknown model, or a size it cannot take
+    classes, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset]
+    try:  # --ckpt: a file, PATH:ema, or 'timm' (ImageNet weights)
+        net = models.create(args.model, classes, args.ckpt, *(norm or (None, None)))
     except ValueError as e:
         raise SystemExit(str(e))
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    _, val_loader, _ = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size, workers=args.workers)
-    ctx = torch.autocast(device, torch.bfloat16) if args.amp else nullcontext()
-    top1, top5 = train.evaluate(net.to(device), val_loader, device, ctx)
+    val = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size,
+                             workers=args.workers)[1]
+    ctx = torch.autocast(device, torch.bfloat16, enabled=args.amp)
+    top1, top5 = train.evaluate(net.to(device), val, device, ctx)
     print(f'{args.model} {args.ckpt}: top-1 {top1:.2f} top-5 {top5:.2f}')
-    print(json.dumps({'model': args.model, 'ckpt': args.ckpt, 'dataset': args.dataset, 'top1': top1, 'top5': top5}))
+    run = {'model': args.model, 'ckpt': args.ckpt, 'dataset': args.dataset}
+    print(json.dumps({**run, 'top1': top1, 'top5': top5}))
     return top1, top5
 
 
@@ -73,66 +74,80 @@ def draw_attention(args):
 
 
 def load_runs(root):
-    """{pair: {config: {seed: [log records]}}} from <root>/<pair>/<config>/<seed>/log.jsonl,
-    finished runs only (up to their --epochs; untested epochs may be left out of a log), and {(pair, config):
-    'n diverged, m unfinished'} for the others."""
+    """{pair: {config: {seed: log records}}} of the finished runs (last epoch >= --epochs), and
+    {(pair, config): 'n diverged, m unfinished'} for the others."""
     runs, left = defaultdict(dict), defaultdict(lambda: [0, 0])
-    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl'))):  # by name (a checkout has no times)
+    for log in sorted(glob.glob(os.path.join(root, '*', '*', '*', 'log.jsonl'))):  # by name
         pair, config, seed = log.split(os.sep)[-4:-1]
         records, seeds = [json.loads(line) for line in open(log)], runs[pair].setdefault(config, {})
-        if records[-1]['epoch'] >= json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']:
+        epochs = json.load(open(os.path.join(os.path.dirname(log), 'args.json')))['epochs']
+        if records[-1]['epoch'] >= epochs:
             seeds[seed] = records
         else:  # stopped by non-finite losses (train.MAX_NONFINITE), or still running
             left[pair, config][records[-1]['skipped_steps'] == 0] += 1
-    runs = {pair: configs for pair, configs in runs.items() if any(configs.values())}  # pairs with a finished run
+    runs = {pair: configs for pair, configs in runs.items() if any(configs.values())}
     if not runs:
-        raise SystemExit(f'--summarize {root} holds no finished runs: expected <pair>/<config>/<seed>/log.jsonl files.')
+        raise SystemExit(f'--summarize {root} holds no finished runs: expected '
+                         '<pair>/<config>/<seed>/log.jsonl files.')
     return runs, {k: f'{d} diverged, {u} unfinished' for k, (d, u) in left.items()}
 
 
-def drift(r, tested):
-    """Mean top-1 over the last 20% of the epochs minus over the 20% before: near 0 once a run has converged."""
-    w = [[e['top1'] for e in r if e['epoch'] in tested and lo < e['epoch'] / r[-1]['epoch'] <= lo + 0.2]
+def run_top1(records, metric):  # a run's top-1, as METRICS[metric] says
+    if metric == 'last':
+        return records[-1]['top1']
+    return max(max(e['top1'], e.get('top1_ema') or 0) for e in records if e['top1'] is not None)
+
+
+def drift(records, tested):
+    """Mean top-1 over the last 20% of the epochs minus over the 20% before: ~0 once converged."""
+    end = records[-1]['epoch']
+    w = [[e['top1'] for e in records if e['epoch'] in tested and lo < e['epoch'] / end <= lo + 0.2]
          for lo in (0.6, 0.8)]
-    return statistics.mean(w[1]) - statistics.mean(w[0]) if all(w) else None
+    return mean(w[1]) - mean(w[0]) if all(w) else None
 
 
-def ms(xs):
-    return f'{statistics.mean(xs):.2f} ± {statistics.stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
+def ms(xs):  # 'mean ± std', '-' for none
+    return f'{mean(xs):.2f} ± {stdev(xs) if len(xs) > 1 else 0:.2f}' if xs else '-'
 
 
-def diffs(final, a, b):  # paired: per-seed final top-1 a - b, over the seeds both configs finished
+def diffs(final, a, b):  # paired: final top-1 a - b per seed, over the seeds both finished
     return [final[a][s] - final[b][s] for s in final.get(a, {}) if s in final.get(b, {})]
 
 
+def markdown(*cells, head=False):  # a table row; head: the table's first two lines
+    line = '| ' + ' | '.join(map(str, cells)) + ' |'
+    return line + '\n' + '|---' * len(cells) + '|' if head else line
+
+
 def summarize(root, comparisons=()):
-    """One markdown table per pair: final and best top-1 (mean +- std over seeds), the drift, the paired per-seed
-    difference of the final top-1 to kd, raa and fofa (same seed and data order), the prompted teacher's final top-1;
-    then one table of the paired differences A - B (comparisons 'A:B') with a column per pair."""
-    (runs, left), finals = load_runs(root), {}
+    """Markdown tables of mean +- std over seeds: per pair and config, final and best top-1, drift,
+    paired (same seed) differences to kd, raa and fofa, prompted teacher; then 'A:B' comparisons."""
+    (runs, left), finals, refs = load_runs(root), {}, ('kd', 'raa', 'fofa')
     for pair, configs in sorted(runs.items()):
-        final = finals[pair] = {c: {s: r[-1]['top1'] for s, r in seeds.items()} for c, seeds in configs.items()}
-        teacher = next((r[-1]['teacher_top1'] for seeds in configs.values() for r in seeds.values()
-                        if r[-1]['teacher_top1']), None)
-        tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None}  # best: over epochs all tested
-                                    for seeds in configs.values() for r in seeds.values()))
-        print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher or 0:.2f}\n\n| config | seeds | final top-1 | '
-              'best top-1 | last 20% - previous 20% | final - kd (paired) | final - raa (paired) | final - fofa (paired) '
-              '| prompted teacher top-1 |\n|---|---|---|---|---|---|---|---|---|')
+        final = finals[pair] = {c: {s: r[-1]['top1'] for s, r in seeds.items()}
+                                for c, seeds in configs.items()}
+        logs = [r for seeds in configs.values() for r in seeds.values()]
+        teacher = next((r[-1]['teacher_top1'] for r in logs if r[-1]['teacher_top1']), 0)
+        # best top-1 and drift: over the epochs tested in every run of the pair
+        tested = set.intersection(*({e['epoch'] for e in r if e['top1'] is not None} for r in logs))
+        print(f'\n{pair.replace("-", " -> ")}, teacher top-1 {teacher:.2f}\n')
+        print(markdown('config', 'seeds', 'final top-1', 'best top-1', 'last 20% - previous 20%',
+                       *(f'final - {ref} (paired)' for ref in refs), 'prompted teacher top-1',
+                       head=True))
         for c, seeds in configs.items():
-            seeds_note = f'{len(seeds)} ({left[pair, c]})' if (pair, c) in left else len(seeds)
-            paired = lambda ref: ms(diffs(final, c, ref))
-            prompted = [r[-1]['prompted_teacher_top1'] for r in seeds.values() if r[-1].get('prompted_teacher_top1')]
-            best = [max(max(e['top1'], e['top1_ema'] or 0) for e in r if e['epoch'] in tested) for r in seeds.values()]
+            note = f' ({left[pair, c]})' if (pair, c) in left else ''
+            prompted = [p for r in seeds.values() if (p := r[-1].get('prompted_teacher_top1'))]
+            best = [run_top1([e for e in r if e['epoch'] in tested], 'best')
+                    for r in seeds.values()]
             drifts = [d for r in seeds.values() if (d := drift(r, tested)) is not None]
-            print(f'| {c} | {seeds_note} | {ms(list(final[c].values()))} | {ms(best)} | {ms(drifts)} | '
-                  f'{paired("kd")} | {paired("raa")} | {paired("fofa")} | {ms(prompted)} |')
+            print(markdown(c, f'{len(seeds)}{note}', ms(final[c].values()), ms(best), ms(drifts),
+                           *(ms(diffs(final, c, ref)) for ref in refs), ms(prompted)))
     if comparisons:  # one column per pair
-        print('\n| paired difference of the final top-1 | ' + ' | '.join(p.replace('-', ' -> ') for p in finals) + ' |\n'
-              + '|---' * (len(finals) + 1) + '|')
+        pairs = (pair.replace('-', ' -> ') for pair in finals)
+        print('\n' + markdown('paired difference of the final top-1', *pairs, head=True))
     for a, b in (c.split(':') for c in comparisons):
-        cells = (f'{ms(d)} (n = {len(d)})' if (d := diffs(f, a, b)) else '-' for f in finals.values())
-        print(f'| {a} - {b} | ' + ' | '.join(cells) + ' |')
+        paired = (diffs(f, a, b) for f in finals.values())
+        print(markdown(f'{a} - {b}', *(f'{ms(d)} (n = {len(d)})' if d else '-' for d in paired)))
     return runs
 
 
@@ -181,40 +196,32 @@ PAPER_GRID = {'teacher': 'T.', 'scratch': 'S.', 'kd': 'KD', 'dkd': 'DKD', 'dist'
               'ofa': 'OFA', 'fitnet': 'FitNet', 'cc': 'CC', 'rkd': 'RKD', 'crd': 'CRD',
               'fofa': 'FOFA', 'fbt': 'FBT', 'hcd': 'HCD'}  # Tables 1-2: config -> column
 AFP_SETS = ['1', '2', '3', '4', '12', '13', '14', '23', '24', '34', '123', '124', '134', '234']
+BASELINE = {'fitnet': 'Baseline (FitNet)'}
 PAPER_ROWS = {  # Tables 4-6, all on ConvNeXt-T -> DeiT-T: config -> row
-    '4': {'fitnet': 'Baseline (FitNet)', 'raa': 'RAA', 'afp_nofb': 'RAA + AFP w/o feedback',
-          'fofa': 'RAA + AFP'},
-    '5': {'fitnet': 'Baseline (FitNet)', **{f'afp{s}': ','.join(s) for s in AFP_SETS},
-          'fofa': '1,2,3,4', 'paper_row5': "the paper's row 5", 'paper_row6': "the paper's row 6"},
-    '6': {'fitnet': 'Baseline (FitNet)', 'nq36': '36', 'fofa': '64', 'nq80': '80', 'nq100': '100',
-          'nq144': '144'}}
-
-
-def run_top1(records, metric):
-    """best: the best tested epoch's max(raw, EMA) top-1 (the official code's); last: the last
-    epoch's raw top-1."""
-    if metric == 'last':
-        return records[-1]['top1']
-    return max(max(e['top1'], e.get('top1_ema') or -1) for e in records if e['top1'] is not None)
+    '4': {**BASELINE, 'raa': 'RAA', 'afp_nofb': 'RAA + AFP w/o feedback', 'fofa': 'RAA + AFP'},
+    '5': {**BASELINE, **{f'afp{s}': ','.join(s) for s in AFP_SETS}, 'fofa': '1,2,3,4',
+          'paper_row5': "the paper's row 5", 'paper_row6': "the paper's row 6"},
+    '6': {**BASELINE, 'nq36': '36', 'fofa': '64', 'nq80': '80', 'nq100': '100', 'nq144': '144'}}
+METRICS = {  # --metric: a run's top-1
+    'best': "the best tested epoch's top-1 of max(raw, EMA student), the official code's metric",
+    'last': "the last epoch's top-1, raw student"}
 
 
 def paper_table(root, table, metric):
-    """The runs of paper.sh TABLE under root beside the paper's numbers (paper_numbers.csv, each
-    with its source): per cell our mean +- std over the finished seeds / the paper's number
-    (ours - paper), '-' where either is missing; Tables 1-2 end with the paper's last row, the
-    mean gain over the student from scratch (S.)."""
+    """paper.sh TABLE's runs under root beside PAPER_NUMBERS, cell by cell; Tables 1-2 end with
+    the paper's last row, the mean gain over the student from scratch (S.)."""
     dataset = 'imagenet' if table == '2' else 'cifar100'
     runs, left = load_runs(os.path.join(root, dataset))
     with open(PAPER_NUMBERS, newline='') as f:
         rows = [r for r in csv.DictReader(f) if r['table'] == table]
     paper = {(r['pair'], r['config'], r['metric']): float(r['value']) for r in rows}
+    pairs = list(dict.fromkeys(r['pair'] for r in rows if r['pair'] != 'average'))
     ours = {}  # (pair, config, metric) -> one number per finished seed
     for pair, configs in runs.items():
         for c, seeds in configs.items():
             ours[pair, c, 'top1'] = [run_top1(r, metric) for r in seeds.values()]
             ours[pair, c, 'mem_gb'] = [max(e.get('peak_mem_gb') or 0 for e in r)
                                        for r in seeds.values()]
-    pairs = list(dict.fromkeys(r['pair'] for r in rows if r['pair'] != 'average'))
     for pair in pairs:  # T.: the teacher's top-1 as the runs measured it; S.: --method ce alone
         teachers = [r[-1]['teacher_top1'] for seeds in runs.get(pair, {}).values()
                     for r in seeds.values() if r[-1]['teacher_top1'] is not None]
@@ -222,37 +229,32 @@ def paper_table(root, table, metric):
         student = pair.split('-')[1]
         ours[pair, 'scratch', 'top1'] = ours.get((f'scratch-{student}', 'ce', 'top1'), [])
 
-    def cell(key):
-        mine, theirs = ours.get(key) or [], paper.get(key)
-        text = (ms(mine) if len(mine) > 1 else f'{mine[0]:.2f}' if mine else '-') + ' / '
-        text += '-' if theirs is None else f'{theirs:.2f}'
+    def cell(key, n_pairs=0):  # ours / the paper's (ours - paper), '-' where missing; (n_pairs)
+        mine, theirs = ours.get(key), paper.get(key)
+        text = (ms(mine) if len(mine) > 1 else f'{mine[0]:.2f}') if mine else '-'
+        text += ' / -' if theirs is None else f' / {theirs:.2f}'
         if mine and theirs is not None:
-            text += f' ({statistics.mean(mine) - theirs:+.2f})'
-        return text
+            text += f' ({mean(mine) - theirs:+.2f})'
+        return text + (f' ({n_pairs})' if n_pairs else '')
 
-    which = ("the last epoch's top-1, raw student" if metric == 'last' else
-             "the best tested epoch's top-1 of max(raw, EMA student), the official code's metric")
     print(f"Table {table} ({dataset}): ours / the paper's (ours - paper). Ours: mean ± std over "
-          f"the finished seeds of {which}. The paper's numbers: {PAPER_NUMBERS}.\n")
+          f"the finished seeds of {METRICS[metric]}. The paper's numbers: {PAPER_NUMBERS}.\n")
     if table in PAPER_ROWS:
-        print(f'{pairs[0].replace("-", " -> ")}\n\n| config | top-1 | memory (GB) |\n|---|---|---|')
+        print(f'{pairs[0].replace("-", " -> ")}\n')
+        print(markdown('config', 'top-1', 'memory (GB)', head=True))
         for config, label in PAPER_ROWS[table].items():
-            top1, mem = cell((pairs[0], config, 'top1')), cell((pairs[0], config, 'mem_gb'))
-            print(f'| {label} | {top1} | {mem} |')
+            print(markdown(label, *(cell((pairs[0], config, m)) for m in ('top1', 'mem_gb'))))
     else:
-        print('| teacher -> student | ' + ' | '.join(PAPER_GRID.values()) + ' |\n'
-              + '|---' * (len(PAPER_GRID) + 1) + '|')
+        print(markdown('teacher -> student', *PAPER_GRID.values(), head=True))
         for pair in pairs:
-            cells = ' | '.join(cell((pair, c, 'top1')) for c in PAPER_GRID)
-            print(f'| {pair.replace("-", " -> ")} | {cells} |')
-        mean = {k: statistics.mean(v) for k, v in ours.items() if v}
-        gains = {c: [mean[p, c, 'top1'] - mean[p, 'scratch', 'top1'] for p in pairs
-                     if (p, c, 'top1') in mean and (p, 'scratch', 'top1') in mean]
+            cells = (cell((pair, c, 'top1')) for c in PAPER_GRID)
+            print(markdown(pair.replace('-', ' -> '), *cells))
+        gains = {c: [mean(ours[p, c, 'top1']) - mean(ours[p, 'scratch', 'top1']) for p in pairs
+                     if ours.get((p, c, 'top1')) and ours[p, 'scratch', 'top1']]
                  for c in list(PAPER_GRID)[2:]}  # ours: over the pairs with both, counted in ()
-        ours.update({('average', c, 'gain'): [statistics.mean(g)] for c, g in gains.items() if g})
-        cells = ' | '.join(cell(('average', c, 'gain')) + (f' ({len(g)})' if g else '')
-                           for c, g in gains.items())
-        print(f'| average gain over S. (pairs) | | | {cells} |')
+        ours.update({('average', c, 'gain'): [mean(g)] for c, g in gains.items() if g})
+        cells = (cell(('average', c, 'gain'), len(g)) for c, g in gains.items())
+        print(f'| average gain over S. (pairs) | | | {" | ".join(cells)} |')
     counts = [len(v) for (_, c, m), v in ours.items()
               if m == 'top1' and v and c not in ('teacher', 'scratch')]
     print(f'\nfinished seeds per cell: {min(counts, default=0)} to {max(counts, default=0)}')
@@ -268,23 +270,22 @@ def paper_table(root, table, metric):
 def parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
-    p.add_argument('--ckpt', help="best.pt / last.pt of a run, a timm checkpoint (PATH:ema: its EMA), or 'timm'")
+    p.add_argument('--ckpt', help="a checkpoint (PATH:ema: a timm checkpoint's EMA), or 'timm'")
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
-    p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224, or 32 for *_mini)")
+    p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224; *_mini: 32)")
     p.add_argument('--batch-size', type=train.COUNT, default=100)
     p.add_argument('--workers', type=train.NATURAL, default=4)
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as in training with --amp)')
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
-    p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (see evidence.sh)')
+    p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (evidence.sh)')
     p.add_argument('--curves', metavar='PNG', help='with --summarize: draw their learning curves')
     p.add_argument('--paired', nargs='+', default=(), metavar='A:B',
-                   help='with --summarize: a table of the paired final top-1 differences A - B of configs')
+                   help='with --summarize: a table of the paired final top-1 differences A - B')
     p.add_argument('--paper', choices=('1', '2', '4', '5', '6'), help="with --summarize: the runs "
                    "of paper.sh TABLE beside the paper's numbers (paper_numbers.csv)")
-    p.add_argument('--metric', choices=('best', 'last'), default='best',
-                   help="with --paper, a run's top-1: the best tested epoch's max(raw, EMA), the "
-                   "official code's metric, or the last epoch's raw student")
+    p.add_argument('--metric', choices=tuple(METRICS), default='best',
+                   help="with --paper, a run's top-1: " + '; or '.join(METRICS.values()))
     return p
 
 
@@ -300,8 +301,10 @@ def main(argv=None):
         return curves(root, args.curves) if args.curves else summarize(root, args.paired)
     if not args.ckpt:
         raise SystemExit('--ckpt is needed (or --summarize DIR).')
-    train.check_path('--ckpt', None if args.ckpt == 'timm' else args.ckpt.removesuffix(':ema'), 'checkpoint file')
-    train.check_path('--data-dir', args.data_dir if os.path.exists(args.data_dir) else None, 'dataset directory')
+    ckpt = None if args.ckpt == 'timm' else args.ckpt.removesuffix(':ema')
+    train.check_path('--ckpt', ckpt, 'checkpoint file')
+    data_dir = args.data_dir if os.path.exists(args.data_dir) else None
+    train.check_path('--data-dir', data_dir, 'dataset directory')
     if args.attn:
         train.check_path('--attn', args.attn, 'PNG file', new=True)
         return draw_attention(args)
