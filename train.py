@@ -56,49 +56,7 @@ STOPPED = 75  # exit code after a stop on SIGTERM/SIGUSR1: EX_TEMPFAIL (sysexits
 RETIRED = {'--afp-prompt spatial': ('afp_prompt', 'spatial'), '--no-raa': ('no_raa', True)}
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence, exit code 1 (argparse's own: usage, error, code 2)
-        raise SystemExit(message.removeprefix('argument ').rstrip('.') + '.')
-
-
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no '(default: None)' (the help says) nor 'False'
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def checked(kind, accepted, ok):
-    """An argparse type: kind(text) if ok(that), else an error that says what is accepted."""
-    def parse(text):
-        with suppress(ValueError, OverflowError):
-            value = kind(text)
-            if ok(value):
-                return value
-        raise argparse.ArgumentTypeError(f'{text!r} is not {accepted}')
-    return parse
-
-
-def stages(text):
-    """'1,2,4' -> (1, 2, 4); 'none' -> ()."""
-    if text.strip().lower() in ('none', ''):
-        return ()
-    return tuple(sorted({int(s) for s in text.split(',')}))
-
-
-COUNT = checked(int, 'an integer >= 1', lambda v: v >= 1)
-NATURAL = checked(int, 'an integer >= 0', lambda v: v >= 0)
-POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
-NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
-SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
-STAGES = checked(str, 'a comma list of stages 1-4 (e.g. 1,2,3,4)',
-                 lambda t: len(stages(t)) > 0 and set(stages(t)) <= {1, 2, 3, 4})
-STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
-                         lambda t: set(stages(t)) <= {1, 2, 3, 4})
-OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
-                    lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
-
-
+# The flags: the whole configuration (their types and checks are below the loop)
 def parser():
     p = Parser(description=__doc__.split('\n')[0], formatter_class=Help, epilog='SIGTERM or '
                'SIGUSR1 stop a run after the step in progress: it writes last.pt and exits with '
@@ -190,341 +148,7 @@ def get_args(argv=None):
     return parser().parse_args(argv)
 
 
-def check_args(args):
-    """The mistakes argparse cannot see, caught before anything is built or written."""
-    if args.method != 'ce' and not args.teacher:
-        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
-                         'without one).')
-    if min(args.dkd[2], args.dist[2]) <= 0:
-        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
-                         'be > 0.')
-    check_path('--out', args.out, 'run directory', new=True)
-    last = os.path.join(args.out, 'last.pt')
-    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
-        args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
-    if os.path.isfile(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
-                         '--overwrite to start over.')
-    if args.resume:
-        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
-    if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
-        check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
-    if not (args.teacher_ckpt or args.method == 'ce'):
-        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
-    if os.path.exists(args.data_dir):
-        check_path('--data-dir', args.data_dir, 'dataset directory')
-
-
-def check_path(flag, path, what, new=False):
-    """path (None passes) if it is an existing `what` ('... file' or '... directory') or, if new,
-    one that can be made; else one sentence."""
-    if path is None:
-        return None
-    kind = 'directory' if os.path.isdir(path) else 'file'
-    if os.path.exists(path) and not what.endswith(kind):
-        raise SystemExit(f'{flag} {path} is a {kind}, not a {what}.')
-    up = os.path.abspath(path)
-    while new and not os.path.exists(up):  # the nearest existing folder above
-        up = os.path.dirname(up)
-    if not os.path.exists(up):
-        raise SystemExit(f'{flag} {path} does not exist: give an existing {what}.')
-    if up != os.path.abspath(path) and not (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)):
-        raise SystemExit(f'{flag} {path} cannot be made: {up} is not a writable directory.')
-    return path
-
-
-def plain(value):  # a flag's default may be a tuple where the parsed value is a list
-    return tuple(value) if isinstance(value, list) else value
-
-
-def same_run(args, last):
-    """--resume: unset (None) flags take the run's values; the others must match it, but for
-    RESUMABLE ones. Keys of removed flags are ignored, but for the RETIRED values."""
-    run = models.read_checkpoint(last, '--resume:').get('args') or {}
-    gone = [flag for flag, (key, value) in RETIRED.items() if run.get(key) == value]
-    if gone:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(gone)}, which this version "
-                         'no longer has: start it over with --overwrite.')
-    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-    diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
-            if k in run and k not in RESUMABLE and plain(run[k]) != plain(getattr(args, k))]
-    if diff:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
-                         '--overwrite.')
-
-
-def family_recipe(name, img_size, role='student'):
-    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
-    try:
-        with torch.device('meta'):
-            net = models.create(name, 1)
-            net.shapes(img_size)
-    except ValueError as e:  # an unknown model, or not one of models.FAMILIES
-        raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        takes = models.INPUT_SIZE.get(name) or net.net.pretrained_cfg['input_size'][-1]
-        reason = str(e).splitlines()[0].rstrip('.')
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
-                         f'takes {takes}.')
-    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
-
-
-def loss_terms(args, logits, t_logits, targets, feats, t_feats):
-    """The terms of the methods that are a loss only, on logits or pooled last stages."""
-    if args.method == 'kd':
-        return {'kd': losses.kd(logits, t_logits, args.kd_t)}
-    if args.method == 'dkd':
-        classes = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: the main class
-        return {'dkd': losses.dkd(logits, t_logits, classes, *args.dkd)}
-    if args.method == 'dist':
-        return {'dist': losses.dist(logits, t_logits, *args.dist)}
-    emb, t_emb = feats[-1].float().mean((2, 3)), t_feats[-1].float().mean((2, 3))
-    if args.method == 'rkd':
-        return {'rkd': losses.rkd(emb, t_emb)}
-    return {'cc': losses.cc(emb, t_emb)}
-
-
-def build(args, num_classes):
-    """The trainable module for --method, holding the frozen teacher."""
-    norm = data.NORM[args.dataset] or (None, None)
-    pretrained = args.pretrained and args.method == 'ce'
-    student = models.create(args.student, num_classes, pretrained, *norm)
-    if args.method == 'ce':  # the student alone, labels only
-        return Distiller(student, label_smoothing=args.smoothing)
-    weights = None if args.teacher_ckpt == 'random' else args.teacher_ckpt  # None: untrained
-    teacher = models.create(args.teacher, num_classes, weights, *norm)
-    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
-    fofa = args.method == 'fofa'
-    if args.method in ('fofa', 'fitnet'):  # FitNet: FOFA without RAA's attention and AFP
-        return FOFA(student, teacher, args.img_size, args.nq, args.dim, raa=fofa,
-                    afp_stages=stages(args.afp_stages) if fofa else (),
-                    feedback=not args.no_feedback, fusion=args.afp_fusion,
-                    recompute=stages(args.recompute_stages), beta=args.beta, gamma=args.gamma,
-                    **common)
-    if args.method == 'ofa':
-        ofa_stages = stages(args.ofa_stages)
-        return OFA(student, teacher, args.img_size, num_classes, ofa_stages, args.ofa_eps, **common)
-    if args.method == 'fbt':
-        return FBT(student, teacher, args.img_size, args.ofa_eps, **common)
-    if args.method == 'hcd':
-        return HCD(student, teacher, args.img_size, num_classes, args.hcd_n, args.hcd_kl,
-                   args.hcd_warmup, **common)
-    model = Distiller(student, teacher, functools.partial(loss_terms, args), **common)
-    if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
-        model.ramps['dkd'] = args.dkd_warmup
-    return model
-
-
-def save(obj, path):
-    """Atomic: a crash while saving never replaces a good file with a truncated one."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-@torch.no_grad()
-def evaluate(net, loader, device, ctx):
-    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function."""
-    if isinstance(net, torch.nn.Module):
-        net.eval()
-    correct = torch.zeros(3, device=device)  # top-1, top-5, count
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with ctx:
-            logits = net(x)[0].float()
-        top5 = logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]
-        count = torch.tensor(len(y), device=device)
-        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), count])
-    if dist.is_initialized():
-        dist.all_reduce(correct)
-    return (100 * correct[:2] / correct[2]).tolist()
-
-
-def setup(args, rank, world, device):
-    """The recipe's values of unset flags; loaders, model, optimizer (fused: no host sync),
-    schedule and EMA."""
-    recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
-    for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
-        if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
-    args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
-    torch.manual_seed(args.seed)
-    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size,
-                                 args.recipe, args.workers, world > 1, rank, world, args.seed,
-                                 args.train_fraction, pin_memory=device != 'cpu')
-    try:
-        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
-    try:
-        opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
-    except (TypeError, RuntimeError):  # not every timm optimizer has a fused kernel
-        opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
-    steps = len(loaders[0])
-    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'],
-                              warmup_t=int(args.warmup_epochs * steps),
-                              warmup_lr_init=recipe['warmup_lr'], t_in_epochs=False)
-    ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
-    return loaders, model, opt, sched, ema
-
-
-def start_run(args, model, opt, ema, rank, world, device):
-    """--resume: all from last.pt, at the step it was written at (log lines written after it are
-    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the tally
-    of the interrupted epoch or None)."""
-    if not args.resume:
-        if rank == 0:
-            os.makedirs(args.out, exist_ok=True)
-            for f in ('log.jsonl', 'last.pt', 'best.pt'):
-                pathlib.Path(args.out, f).unlink(missing_ok=True)
-            pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
-        return 0, 0, {'top1': -1.0}, None
-    ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-    fits = len(ck.get('feedback', [])) == world - 1  # rank 0's feedback is in 'model'
-    if rank and fits:
-        ck['model'].update(ck['feedback'][rank - 1])
-    elif rank:  # saved by another number of processes: this rank's feedback starts from zero
-        ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
-    model.load_state_dict(ck['model'], strict=rank == 0 or fits)
-    opt.load_state_dict(ck['optimizer'])
-    if ema:
-        ema.load_state_dict(ck['ema'])
-    log = pathlib.Path(args.out, 'log.jsonl')
-    lines = log.read_text().splitlines(True) if rank == 0 and log.exists() else []
-    kept = [line for line in lines if json.loads(line)['epoch'] <= ck['epoch']]
-    if len(kept) < len(lines):
-        pathlib.Path(f'{log}.tmp').write_text(''.join(kept))
-        os.replace(f'{log}.tmp', log)
-    return ck['epoch'], ck.get('step', 0), ck['best'], ck.get('tally')
-
-
-def save_epoch(args, rec, model, ema, best):
-    """rec to log.jsonl, the best student so far (raw or EMA: NOTES.md, Metrics) to best.pt."""
-    with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(rec) + '\n')
-    top1, ema_top1 = rec['top1'], rec['top1_ema'] or -1.0
-    if top1 is not None and max(top1, ema_top1) > best['top1']:
-        which = 'ema' if ema_top1 > top1 else 'raw'
-        best = {'top1': max(top1, ema_top1), 'epoch': rec['epoch'], 'which': which}
-        student = ema.module if which == 'ema' else model.student
-        save({'student': student.net.state_dict(), 'which': which, 'epoch': rec['epoch'],
-              'args': vars(args)}, os.path.join(args.out, 'best.pt'))
-    return best
-
-
-def save_state(args, model, opt, ema, rank, world, position):
-    """last.pt (rank 0): all to resume at position (epoch, step, ...), every rank's FOFA feedback
-    (Eq. 5) included. A collective: every rank calls it at the same step."""
-    feedback = [{} for _ in range(world)]  # per rank: {buffer name: tensor}
-    for k, v in model.state_dict().items() if world > 1 else ():
-        if k.endswith('.feedback'):  # one shape on every rank (drop_last): a gather, no pickling
-            parts = [torch.empty_like(v) for _ in range(world)] if rank == 0 else None
-            dist.gather(v, parts)
-            for own, part in zip(feedback, parts or ()):
-                own[k] = part
-    if rank == 0:
-        save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
-              'feedback': feedback[1:], 'optimizer': opt.state_dict(),
-              'ema': ema.state_dict() if ema else None, **position, 'args': vars(args)},
-             os.path.join(args.out, 'last.pt'))
-
-
-class Stopped(Exception):
-    """Raised by train() after it wrote last.pt on a SIGTERM/SIGUSR1: (out, where it stopped)."""
-
-
-class Flags:
-    """Each step's [non-finite loss, stop, save] flags, max-reduced over the ranks by the step's
-    one all_reduce, so that every rank skips, saves or stops at the same step. stop: a SIGTERM or
-    SIGUSR1 reached a rank (ask_to_stop); save: rank 0's clock, every --save-every-minutes. The
-    host reads them one step late, from a copy queued behind the step's kernels: it never waits
-    for the GPU."""
-    signal = None  # the name of the signal received
-
-    def __init__(self, minutes, rank):
-        self.every, self.rank, self.pending = minutes * 60, rank, None
-        self.next_save = time.time() + self.every
-
-    def reduce(self, bad):
-        due = self.rank == 0 and self.every > 0 and time.time() >= self.next_save
-        if due:
-            self.next_save = time.time() + self.every
-        flags = torch.stack([bad, bad.new_full((), self.signal is not None), bad.new_full((), due)])
-        if dist.is_initialized():
-            dist.all_reduce(flags, dist.ReduceOp.MAX)
-        return flags
-
-    def previous(self, flags=None):
-        """(stop, save) agreed at the step before; flags: this step's, read at the next call (None:
-        the epoch is over, the last step's are read now)."""
-        last, self.pending = self.pending, None
-        if flags is not None:
-            self.pending = flags[1:].to('cpu', non_blocking=True), None
-            if flags.is_cuda:
-                self.pending = self.pending[0], torch.cuda.Event()
-                self.pending[1].record()
-        if last is None:
-            return False, False
-        if last[1] is not None:
-            last[1].synchronize()
-        return tuple(v > 0 for v in last[0].tolist())
-
-
-def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR1 (SLURM --signal)
-    Flags.signal = signal.Signals(signum).name
-
-
-class Tally:
-    """The loss terms summed over an epoch's finite steps, and the non-finite steps, on the
-    device: the host reads them only at progress lines."""
-
-    def __init__(self, device):
-        self.streak = self.worst = torch.zeros((), device=device)  # in a row: now, the longest
-        self.nonfinite = {}  # per loss term, to name the culprit
-
-    def new_epoch(self, part=None):  # part: the epoch's steps before a stop (last.pt)
-        self.sums, self.skipped = part or ({}, torch.zeros_like(self.streak))
-
-    def part(self):
-        return self.sums, self.skipped
-
-    def add(self, terms, bad):
-        self.skipped, self.streak = self.skipped + bad, (self.streak + 1) * bad
-        self.worst = torch.maximum(self.worst, self.streak)
-        for k, v in terms.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums.get(k, 0) + torch.where(bad > 0, 0, v)
-            self.nonfinite[k] = self.nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
-
-    def check(self):
-        if self.worst.item() >= MAX_NONFINITE:
-            names = ', '.join(k for k, n in self.nonfinite.items() if k != 'total' and n.item())
-            raise SystemExit(f'{int(self.worst.item())} steps in a row had a non-finite loss '
-                             f'({names or "total"}): lower --lr or the weight of that term, or '
-                             'check the teacher checkpoint and data.')
-
-    def means(self, steps):
-        skipped = int(self.skipped.item())
-        means = {k: round(v.item() / max(steps - skipped, 1), 5) for k, v in self.sums.items()}
-        return {**means, 'skipped_steps': skipped}
-
-
-def hms(seconds):
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
-def peak_memory_gb(device):
-    if device != 'cpu':
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
-
-
+# The loop
 def train(args, rank=0, world=1, device='cpu'):
     (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, rank, world, device)
     start, first, best, resumed = start_run(args, model, opt, ema, rank, world, device)
@@ -629,6 +253,389 @@ def train(args, rank=0, world=1, device='cpu'):
     return best
 
 
+# What the loop is built from
+def setup(args, rank, world, device):
+    """The recipe's values of unset flags; loaders, model, optimizer (fused: no host sync),
+    schedule and EMA."""
+    recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
+    for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
+    args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
+    torch.manual_seed(args.seed)
+    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size,
+                                 args.recipe, args.workers, world > 1, rank, world, args.seed,
+                                 args.train_fraction, pin_memory=device != 'cpu')
+    try:
+        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    try:
+        opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
+    except (TypeError, RuntimeError):  # not every timm optimizer has a fused kernel
+        opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
+    steps = len(loaders[0])
+    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'],
+                              warmup_t=int(args.warmup_epochs * steps),
+                              warmup_lr_init=recipe['warmup_lr'], t_in_epochs=False)
+    ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
+    return loaders, model, opt, sched, ema
+
+
+def build(args, num_classes):
+    """The trainable module for --method, holding the frozen teacher."""
+    norm = data.NORM[args.dataset] or (None, None)
+    pretrained = args.pretrained and args.method == 'ce'
+    student = models.create(args.student, num_classes, pretrained, *norm)
+    if args.method == 'ce':  # the student alone, labels only
+        return Distiller(student, label_smoothing=args.smoothing)
+    weights = None if args.teacher_ckpt == 'random' else args.teacher_ckpt  # None: untrained
+    teacher = models.create(args.teacher, num_classes, weights, *norm)
+    common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
+    fofa = args.method == 'fofa'
+    if args.method in ('fofa', 'fitnet'):  # FitNet: FOFA without RAA's attention and AFP
+        return FOFA(student, teacher, args.img_size, args.nq, args.dim, raa=fofa,
+                    afp_stages=stages(args.afp_stages) if fofa else (),
+                    feedback=not args.no_feedback, fusion=args.afp_fusion,
+                    recompute=stages(args.recompute_stages), beta=args.beta, gamma=args.gamma,
+                    **common)
+    if args.method == 'ofa':
+        ofa_stages = stages(args.ofa_stages)
+        return OFA(student, teacher, args.img_size, num_classes, ofa_stages, args.ofa_eps, **common)
+    if args.method == 'fbt':
+        return FBT(student, teacher, args.img_size, args.ofa_eps, **common)
+    if args.method == 'hcd':
+        return HCD(student, teacher, args.img_size, num_classes, args.hcd_n, args.hcd_kl,
+                   args.hcd_warmup, **common)
+    model = Distiller(student, teacher, functools.partial(loss_terms, args), **common)
+    if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
+        model.ramps['dkd'] = args.dkd_warmup
+    return model
+
+
+def loss_terms(args, logits, t_logits, targets, feats, t_feats):
+    """The terms of the methods that are a loss only, on logits or pooled last stages."""
+    if args.method == 'kd':
+        return {'kd': losses.kd(logits, t_logits, args.kd_t)}
+    if args.method == 'dkd':
+        classes = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: the main class
+        return {'dkd': losses.dkd(logits, t_logits, classes, *args.dkd)}
+    if args.method == 'dist':
+        return {'dist': losses.dist(logits, t_logits, *args.dist)}
+    emb, t_emb = feats[-1].float().mean((2, 3)), t_feats[-1].float().mean((2, 3))
+    if args.method == 'rkd':
+        return {'rkd': losses.rkd(emb, t_emb)}
+    return {'cc': losses.cc(emb, t_emb)}
+
+
+@torch.no_grad()
+def evaluate(net, loader, device, ctx):
+    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function."""
+    if isinstance(net, torch.nn.Module):
+        net.eval()
+    correct = torch.zeros(3, device=device)  # top-1, top-5, count
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with ctx:
+            logits = net(x)[0].float()
+        top5 = logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]
+        count = torch.tensor(len(y), device=device)
+        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), count])
+    if dist.is_initialized():
+        dist.all_reduce(correct)
+    return (100 * correct[:2] / correct[2]).tolist()
+
+
+# Checkpoints: resume, log, best and last
+def start_run(args, model, opt, ema, rank, world, device):
+    """--resume: all from last.pt, at the step it was written at (log lines written after it are
+    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the tally
+    of the interrupted epoch or None)."""
+    if not args.resume:
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            for f in ('log.jsonl', 'last.pt', 'best.pt'):
+                pathlib.Path(args.out, f).unlink(missing_ok=True)
+            pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
+        return 0, 0, {'top1': -1.0}, None
+    ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
+    fits = len(ck.get('feedback', [])) == world - 1  # rank 0's feedback is in 'model'
+    if rank and fits:
+        ck['model'].update(ck['feedback'][rank - 1])
+    elif rank:  # saved by another number of processes: this rank's feedback starts from zero
+        ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
+    model.load_state_dict(ck['model'], strict=rank == 0 or fits)
+    opt.load_state_dict(ck['optimizer'])
+    if ema:
+        ema.load_state_dict(ck['ema'])
+    log = pathlib.Path(args.out, 'log.jsonl')
+    lines = log.read_text().splitlines(True) if rank == 0 and log.exists() else []
+    kept = [line for line in lines if json.loads(line)['epoch'] <= ck['epoch']]
+    if len(kept) < len(lines):
+        pathlib.Path(f'{log}.tmp').write_text(''.join(kept))
+        os.replace(f'{log}.tmp', log)
+    return ck['epoch'], ck.get('step', 0), ck['best'], ck.get('tally')
+
+
+def save_epoch(args, rec, model, ema, best):
+    """rec to log.jsonl, the best student so far (raw or EMA: NOTES.md, Metrics) to best.pt."""
+    with open(os.path.join(args.out, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+    top1, ema_top1 = rec['top1'], rec['top1_ema'] or -1.0
+    if top1 is not None and max(top1, ema_top1) > best['top1']:
+        which = 'ema' if ema_top1 > top1 else 'raw'
+        best = {'top1': max(top1, ema_top1), 'epoch': rec['epoch'], 'which': which}
+        student = ema.module if which == 'ema' else model.student
+        save({'student': student.net.state_dict(), 'which': which, 'epoch': rec['epoch'],
+              'args': vars(args)}, os.path.join(args.out, 'best.pt'))
+    return best
+
+
+def save_state(args, model, opt, ema, rank, world, position):
+    """last.pt (rank 0): all to resume at position (epoch, step, ...), every rank's FOFA feedback
+    (Eq. 5) included. A collective: every rank calls it at the same step."""
+    feedback = [{} for _ in range(world)]  # per rank: {buffer name: tensor}
+    for k, v in model.state_dict().items() if world > 1 else ():
+        if k.endswith('.feedback'):  # one shape on every rank (drop_last): a gather, no pickling
+            parts = [torch.empty_like(v) for _ in range(world)] if rank == 0 else None
+            dist.gather(v, parts)
+            for own, part in zip(feedback, parts or ()):
+                own[k] = part
+    if rank == 0:
+        save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
+              'feedback': feedback[1:], 'optimizer': opt.state_dict(),
+              'ema': ema.state_dict() if ema else None, **position, 'args': vars(args)},
+             os.path.join(args.out, 'last.pt'))
+
+
+def save(obj, path):
+    """Atomic: a crash while saving never replaces a good file with a truncated one."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# Each step's flags, the losses' tally, a stop on a signal
+class Stopped(Exception):
+    """Raised by train() after it wrote last.pt on a SIGTERM/SIGUSR1: (out, where it stopped)."""
+
+
+class Flags:
+    """Each step's [non-finite loss, stop, save] flags, max-reduced over the ranks by the step's
+    one all_reduce, so that every rank skips, saves or stops at the same step. stop: a SIGTERM or
+    SIGUSR1 reached a rank (ask_to_stop); save: rank 0's clock, every --save-every-minutes. The
+    host reads them one step late, from a copy queued behind the step's kernels: it never waits
+    for the GPU."""
+    signal = None  # the name of the signal received
+
+    def __init__(self, minutes, rank):
+        self.every, self.rank, self.pending = minutes * 60, rank, None
+        self.next_save = time.time() + self.every
+
+    def reduce(self, bad):
+        due = self.rank == 0 and self.every > 0 and time.time() >= self.next_save
+        if due:
+            self.next_save = time.time() + self.every
+        flags = torch.stack([bad, bad.new_full((), self.signal is not None), bad.new_full((), due)])
+        if dist.is_initialized():
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+        return flags
+
+    def previous(self, flags=None):
+        """(stop, save) agreed at the step before; flags: this step's, read at the next call (None:
+        the epoch is over, the last step's are read now)."""
+        last, self.pending = self.pending, None
+        if flags is not None:
+            self.pending = flags[1:].to('cpu', non_blocking=True), None
+            if flags.is_cuda:
+                self.pending = self.pending[0], torch.cuda.Event()
+                self.pending[1].record()
+        if last is None:
+            return False, False
+        if last[1] is not None:
+            last[1].synchronize()
+        return tuple(v > 0 for v in last[0].tolist())
+
+
+def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR1 (SLURM --signal)
+    Flags.signal = signal.Signals(signum).name
+
+
+class Tally:
+    """The loss terms summed over an epoch's finite steps, and the non-finite steps, on the
+    device: the host reads them only at progress lines."""
+
+    def __init__(self, device):
+        self.streak = self.worst = torch.zeros((), device=device)  # in a row: now, the longest
+        self.nonfinite = {}  # per loss term, to name the culprit
+
+    def new_epoch(self, part=None):  # part: the epoch's steps before a stop (last.pt)
+        self.sums, self.skipped = part or ({}, torch.zeros_like(self.streak))
+
+    def part(self):
+        return self.sums, self.skipped
+
+    def add(self, terms, bad):
+        self.skipped, self.streak = self.skipped + bad, (self.streak + 1) * bad
+        self.worst = torch.maximum(self.worst, self.streak)
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums.get(k, 0) + torch.where(bad > 0, 0, v)
+            self.nonfinite[k] = self.nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
+
+    def check(self):
+        if self.worst.item() >= MAX_NONFINITE:
+            names = ', '.join(k for k, n in self.nonfinite.items() if k != 'total' and n.item())
+            raise SystemExit(f'{int(self.worst.item())} steps in a row had a non-finite loss '
+                             f'({names or "total"}): lower --lr or the weight of that term, or '
+                             'check the teacher checkpoint and data.')
+
+    def means(self, steps):
+        skipped = int(self.skipped.item())
+        means = {k: round(v.item() / max(steps - skipped, 1), 5) for k, v in self.sums.items()}
+        return {**means, 'skipped_steps': skipped}
+
+
+def hms(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def peak_memory_gb(device):
+    if device != 'cpu':
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+
+
+# Checking the flags: one sentence for each mistake
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence, exit code 1 (argparse's own: usage, error, code 2)
+        raise SystemExit(message.removeprefix('argument ').rstrip('.') + '.')
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no '(default: None)' (the help says) nor 'False'
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def checked(kind, accepted, ok):
+    """An argparse type: kind(text) if ok(that), else an error that says what is accepted."""
+    def parse(text):
+        with suppress(ValueError, OverflowError):
+            value = kind(text)
+            if ok(value):
+                return value
+        raise argparse.ArgumentTypeError(f'{text!r} is not {accepted}')
+    return parse
+
+
+def stages(text):
+    """'1,2,4' -> (1, 2, 4); 'none' -> ()."""
+    if text.strip().lower() in ('none', ''):
+        return ()
+    return tuple(sorted({int(s) for s in text.split(',')}))
+
+
+COUNT = checked(int, 'an integer >= 1', lambda v: v >= 1)
+NATURAL = checked(int, 'an integer >= 0', lambda v: v >= 0)
+POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
+NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
+SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
+STAGES = checked(str, 'a comma list of stages 1-4 (e.g. 1,2,3,4)',
+                 lambda t: len(stages(t)) > 0 and set(stages(t)) <= {1, 2, 3, 4})
+STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
+                         lambda t: set(stages(t)) <= {1, 2, 3, 4})
+OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
+                    lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
+
+
+def check_args(args):
+    """The mistakes argparse cannot see, caught before anything is built or written."""
+    if args.method != 'ce' and not args.teacher:
+        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
+                         'without one).')
+    if min(args.dkd[2], args.dist[2]) <= 0:
+        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
+                         'be > 0.')
+    check_path('--out', args.out, 'run directory', new=True)
+    last = os.path.join(args.out, 'last.pt')
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
+        args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
+    if os.path.isfile(last) and not (args.resume or args.overwrite):
+        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
+                         '--overwrite to start over.')
+    if args.resume:
+        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
+    if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
+        check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
+    if not (args.teacher_ckpt or args.method == 'ce'):
+        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
+    if os.path.exists(args.data_dir):
+        check_path('--data-dir', args.data_dir, 'dataset directory')
+
+
+def check_path(flag, path, what, new=False):
+    """path (None passes) if it is an existing `what` ('... file' or '... directory') or, if new,
+    one that can be made; else one sentence."""
+    if path is None:
+        return None
+    kind = 'directory' if os.path.isdir(path) else 'file'
+    if os.path.exists(path) and not what.endswith(kind):
+        raise SystemExit(f'{flag} {path} is a {kind}, not a {what}.')
+    up = os.path.abspath(path)
+    while new and not os.path.exists(up):  # the nearest existing folder above
+        up = os.path.dirname(up)
+    if not os.path.exists(up):
+        raise SystemExit(f'{flag} {path} does not exist: give an existing {what}.')
+    if up != os.path.abspath(path) and not (os.path.isdir(up) and os.access(up, os.W_OK | os.X_OK)):
+        raise SystemExit(f'{flag} {path} cannot be made: {up} is not a writable directory.')
+    return path
+
+
+def plain(value):  # a flag's default may be a tuple where the parsed value is a list
+    return tuple(value) if isinstance(value, list) else value
+
+
+def same_run(args, last):
+    """--resume: unset (None) flags take the run's values; the others must match it, but for
+    RESUMABLE ones. Keys of removed flags are ignored, but for the RETIRED values."""
+    run = models.read_checkpoint(last, '--resume:').get('args') or {}
+    gone = [flag for flag, (key, value) in RETIRED.items() if run.get(key) == value]
+    if gone:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(gone)}, which this version "
+                         'no longer has: start it over with --overwrite.')
+    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
+    diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
+            if k in run and k not in RESUMABLE and plain(run[k]) != plain(getattr(args, k))]
+    if diff:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
+                         '--overwrite.')
+
+
+def family_recipe(name, img_size, role='student'):
+    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
+    try:
+        with torch.device('meta'):
+            net = models.create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:  # an unknown model, or not one of models.FAMILIES
+        raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        takes = models.INPUT_SIZE.get(name) or net.net.pretrained_cfg['input_size'][-1]
+        reason = str(e).splitlines()[0].rstrip('.')
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
+                         f'takes {takes}.')
+    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
+
+
+# The teacher, the processes, the signals
 def teacher_checkpoint(args, rank, world, device):
     """The cached teacher for (model, dataset, input size, classes), trained here if absent."""
     classes = data.num_classes(args.dataset, args.data_dir)
