@@ -275,7 +275,8 @@ def parser():
     p.add_argument('--data-dir', default='data')
     p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224; *_mini: 32)")
     p.add_argument('--batch-size', type=train.COUNT, default=100)
-    p.add_argument('--workers', type=train.NATURAL, default=4)
+    p.add_argument('--workers', type=train.NATURAL, default=data.default_workers(),
+                   help='data loader processes (default: the usable cores)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast (as in training with --amp)')
     p.add_argument('--attn', metavar='PNG', help="draw RAA's attention map of a FOFA run's last.pt")
     p.add_argument('--summarize', metavar='DIR', help='tables of the runs under DIR (evidence.sh)')
