@@ -78,12 +78,8 @@ def compare(args, teacher, student, device, ctx, methods):
     args = copy.copy(args)
     args.teacher, args.student, args.overwrite = teacher, student, True  # bench writes nothing
     args.method = 'ce' if methods == ['ce'] else 'kd'  # checked as a pair with or without a teacher
-    train.check_args(args)
-    args.img_size = args.img_size or train.models.INPUT_SIZE.get(student, 224)
-    if teacher:
-        train.family_recipe(teacher, args.img_size, 'teacher')
-    args.recipe = args.recipe or train.family_recipe(student, args.img_size)
-    args.smoothing, args.teacher_ckpt, g = 0.1, None, torch.Generator().manual_seed(0)
+    args.teacher_ckpt, g = 'random', torch.Generator().manual_seed(0)
+    train.resolve(args)
     x = torch.rand(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
     y = torch.randint(0, 100, (args.batch_size,), generator=g).to(device)
     runs = {m: [] for m in methods}

@@ -82,6 +82,10 @@ MODELS = {
 INPUT_SIZE = {name: 32 if name.endswith('_mini') else 224 for name in MODELS}
 
 
+def input_size(name):
+    return INPUT_SIZE.get(name, 224)
+
+
 class Staged(nn.Module):
     """A timm classifier as stem, 4 stages and head. Takes [0, 1] images and normalises them
     with its own mean/std."""

@@ -8,7 +8,7 @@ Without --teacher-ckpt the teacher is first trained here with --method ce and ca
 --teacher-dir. Each epoch appends a line to <out>/log.jsonl and writes <out>/last.pt (all to
 resume) and best.pt, with a timm state_dict under 'student'. A step's data depend only on (seed,
 epoch, step): --resume continues exactly from the step last.pt was written at. SIGTERM or SIGUSR1
-stop the run after the step in progress, write last.pt and exit with code 75; workers restarted by
+stop the run within --log-every steps, write last.pt and exit with code 75; workers restarted by
 torchrun --max-restarts resume from last.pt by themselves.
 """
 import argparse
@@ -52,8 +52,7 @@ RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channel
              'recompute_stages', 'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
              'teacher_ckpt', 'save_every_minutes'}
 STOPPED = 75  # exit code after a stop on SIGTERM/SIGUSR1: EX_TEMPFAIL (sysexits.h), to requeue on
-# removed flags, with the values that made a run's model another one: such runs cannot resume
-RETIRED = {'--afp-prompt spatial': ('afp_prompt', 'spatial'), '--no-raa': ('no_raa', True)}
+signal_received = None  # the name of a SIGTERM/SIGUSR1 this process received (ask_to_stop)
 
 
 # The flags: the whole configuration (their types and checks are below the loop)
@@ -70,7 +69,7 @@ def parser():
       "trained here, see --teacher-dir)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
-    g('--pretrained', action='store_true', help='--method ce: start from timm ImageNet weights')
+    g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
     g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline')
     g('--data-dir', default='data', help='dataset root (cifar100: downloaded there if missing)')
     g('--img-size', type=COUNT, help="input size in pixels (default: the student's, 224 or 32)")
@@ -97,11 +96,11 @@ def parser():
     g('--recompute-stages', type=STAGES_OR_NONE, default='none', help='teacher stages whose '
       "prompted pass runs again in backward instead of keeping activations (memory), or 'none'")
     g = p.add_argument_group('baselines').add_argument
-    g('--dkd', type=NONNEG, nargs=3, default=(1.0, 8.0, 4.0), metavar=('ALPHA', 'BETA', 'T'),
+    g('--dkd', type=NONNEG, nargs=3, default=[1.0, 8.0, 4.0], metavar=('ALPHA', 'BETA', 'T'),
       help="DKD's weights and temperature (its CIFAR setting)")
     g('--dkd-warmup', type=SHARE, default=20 / 240, help="DKD: share of the run over which its "
       "weight rises linearly from 0, per step (default: %(default).3g, its authors' 20 / 240)")
-    g('--dist', type=NONNEG, nargs=3, default=(1.0, 1.0, 1.0), metavar=('BETA', 'GAMMA', 'TAU'),
+    g('--dist', type=NONNEG, nargs=3, default=[1.0, 1.0, 1.0], metavar=('BETA', 'GAMMA', 'TAU'),
       help="DIST's weights and temperature")
     g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: student stages with a head')
@@ -112,7 +111,7 @@ def parser():
       'sub-logit KL weight rises linearly from 0, per step')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
     g('--epochs', type=COUNT, default=30, help='epochs of the student')
-    g('--max-steps', type=COUNT, help='end each epoch after this many steps (paper.sh --dry-run)')
+    g('--max-steps', type=COUNT, help='end each epoch after this many steps (dry runs)')
     g('--batch-size', type=COUNT, default=64, help='per process: the global batch is this times '
       'the number of processes')
     g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: by the "
@@ -136,7 +135,8 @@ def parser():
     g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
     g('--workers', type=NATURAL, default=data.default_workers(), help='data loader processes per '
       'training process, 0: none (default: the usable cores / LOCAL_WORLD_SIZE)')
-    g('--log-every', type=COUNT, default=50, help='steps between progress lines')
+    g('--log-every', type=COUNT, default=50, help='steps between progress lines, where the ranks '
+      'also agree on a stop (signal) or a save: both take effect within this many steps')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (the last is always '
       'tested); the others log top1 null')
     g('--save-every-minutes', type=NONNEG, default=15.0, help='also write last.pt inside an epoch, '
@@ -148,11 +148,99 @@ def get_args(argv=None):
     return parser().parse_args(argv)
 
 
+# One place decides the configuration: after resolve(), args is final (and is args.json)
+def resolve(args):
+    """Checks what argparse cannot, before anything is built or written; then fills every derived
+    value: a torchrun restart becomes --resume, unset flags take the run's values on --resume,
+    then the input size, the recipe and its values, AMP and the cached teacher's path."""
+    if args.method != 'ce' and not args.teacher:
+        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
+                         'without one).')
+    if min(args.dkd[2], args.dist[2]) <= 0:
+        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
+                         'be > 0.')
+    check_path('--out', args.out, 'run directory', new=True)
+    last = os.path.join(args.out, 'last.pt')
+    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
+        args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
+    if os.path.isfile(last) and not (args.resume or args.overwrite):
+        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
+                         '--overwrite to start over.')
+    if args.resume:
+        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
+    if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
+        check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
+    if not (args.teacher_ckpt or args.method == 'ce'):
+        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
+    if os.path.exists(args.data_dir):
+        check_path('--data-dir', args.data_dir, 'dataset directory')
+    args.img_size = args.img_size or models.input_size(args.student)
+    if args.method != 'ce':
+        family_recipe(args.teacher, args.img_size, 'teacher')
+    args.recipe = args.recipe or family_recipe(args.student, args.img_size)
+    recipe = RECIPES[args.recipe]
+    args.opt = args.opt or recipe['opt']
+    args.lr = args.lr or recipe['lr']
+    args.wd = recipe['wd'] if args.wd is None else args.wd
+    if args.warmup_epochs is None:
+        args.warmup_epochs = recipe['warmup'] * args.epochs
+    args.clip = recipe['clip'] if args.clip is None else args.clip
+    args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
+    if args.amp is None:
+        args.amp = torch.cuda.is_available()
+    if not (args.teacher_ckpt or args.method == 'ce'):
+        args.teacher_ckpt = teacher_path(args)  # trained there first if absent (main)
+    return args
+
+
+def same_run(args, last):
+    """--resume: unset (None) flags take the run's values; the others must match it, but for
+    RESUMABLE ones."""
+    run = models.read_checkpoint(last, '--resume:').get('args') or {}
+    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
+    flags = vars(get_args(['--student', '']))  # the flags of this version (a run may hold old ones)
+    diff = [f"--{k.replace('_', '-')} {shlex.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in run.items() if k in flags and k not in RESUMABLE and v != vars(args)[k]]
+    if diff:
+        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
+                         '--overwrite.')
+
+
+def family_recipe(name, img_size, role='student'):
+    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
+    try:
+        with torch.device('meta'):
+            net = models.create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:  # an unknown model, or one models.py cannot stage
+        raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        reason = str(e).splitlines()[0].rstrip('.')
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
+                         f'takes {models.input_size(name)}.')
+    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet...
+
+
+def teacher_path(args):
+    """The cache file of the teacher for (model, dataset, input size, classes)."""
+    classes = data.num_classes(args.dataset, args.data_dir)
+    frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
+    pre = '_pre' if args.pretrained else ''
+    key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}{pre}'
+    return os.path.join(args.teacher_dir, key + '.pt')
+
+
 # The loop
 def train(args, rank=0, world=1, device='cpu'):
-    (train_loader, val_loader, mixup), model, opt, sched, ema = setup(args, rank, world, device)
-    start, first, best, resumed = start_run(args, model, opt, ema, rank, world, device)
-    student, teacher, steps = model.student, model.teacher, len(train_loader)
+    """Trains as args (resolved) says. Returns None when done, or where a signal stopped it (after
+    last.pt was written)."""
+    train_loader, val_loader, mixup = data.build_loaders(
+        args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
+        world > 1, rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
+    steps = len(train_loader)
+    model, opt, sched, ema = setup(args, steps, device)
+    start_epoch, first, best, part = start_run(args, model, opt, ema, rank, world, device)
+    student, teacher = model.student, model.teacher
     for module in (student, teacher) if args.compile else ():  # the distillers' own stay eager
         if module is not None:
             module.compile()
@@ -168,13 +256,17 @@ def train(args, rank=0, world=1, device='cpu'):
               f'{args.img_size}px, {world} process(es) x batch {args.batch_size} = global batch '
               f'{world * args.batch_size}, {steps} steps/epoch, {trainable:.2f}M trainable '
               f'parameters{teacher_note}')
-    fused, tally, epoch_s = opt.defaults.get('fused', False), Tally(device), None
-    flags = Flags(args.save_every_minutes, rank)
-    for epoch in range(start, args.epochs):
-        first = first if epoch == start else 0  # > 0: resumed inside this epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused, zero = opt.defaults.get('fused', False), torch.zeros((), device=device)
+    next_save, epoch_s, stop = time.time() + 60 * args.save_every_minutes, None, False
+    for epoch in range(start_epoch, args.epochs):
+        first = first if epoch == start_epoch else 0  # > 0: resumed inside this epoch
         data.set_epoch(train_loader, epoch, args.seed, first)
+        # the epoch's sums of the loss terms over its finite steps, on the device (read at its end)
+        sums, skipped = part if first else ({}, zero)
+        streak = worst = zero  # non-finite steps in a row: now, the longest
+        nonfinite = {}  # per term, to name the culprit
         model.train()
-        tally.new_epoch(resumed if first else None)
         t0 = time.time()
         if device != 'cpu':
             torch.cuda.reset_peak_memory_stats()
@@ -190,38 +282,56 @@ def train(args, rank=0, world=1, device='cpu'):
             model.progress = (step + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
             with ctx:
                 _, terms = net(x, y)
-            agreed = flags.reduce((~torch.isfinite(terms['total'])).float())
-            bad = agreed[0]  # every rank skips together
             terms['total'].backward()
+            # after DDP's all-reduce every rank holds the same gradients, so the same norm: a
+            # non-finite loss on any rank is skipped on every rank, with no collective of our own
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            bad = ~torch.isfinite(norm)
             if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                torch.nn.utils.clip_grads_with_norm_(params, args.clip, norm)
             if fused:
-                opt.found_inf = bad  # the kernel skips the update after a NaN/inf loss: no sync
+                opt.found_inf = bad.float()  # the kernel skips the update: no host sync
             if fused or not bad.item():  # other optimizers need the flag on the host: a sync
                 opt.step()
             opt.zero_grad(set_to_none=True)
             if ema:
                 ema.update(student, step=step)
-            tally.add(terms, bad)
-            if (i + 1) % args.log_every == 0 or i + 1 == steps:  # host reads only here
-                tally.check()
-                if rank == 0 and i + 1 < steps:
-                    step_s = (time.time() - t0) / (i + 1 - first)
-                    left = step_s * (steps - i - 1)  # then the epochs to go, at the last one's pace
-                    run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps)
-                    loss = terms['total'].item()
-                    print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {loss:.4f} '
-                          f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch '
-                          f'{hms(left)}, run {hms(run_left)}', flush=True)
-            stop, save_now = flags.previous(agreed)
-            if stop or save_now:
-                position = dict(epoch=epoch, step=i + 1, best=best, tally=tally.part())
+            skipped, streak = skipped + bad, (streak + 1) * bad
+            worst = torch.maximum(worst, streak)
+            for k, v in terms.items():
+                v = v.detach().float()
+                sums[k] = sums.get(k, 0) + torch.where(bad, 0, v)
+                nonfinite[k] = nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
+            last = i + 1 == steps or i + 1 == args.max_steps  # max_steps: a dry run's epoch ends
+            if (i + 1) % args.log_every and not last:
+                continue
+            # a progress line: the host reads the device here only
+            if worst.item() >= MAX_NONFINITE:
+                names = ', '.join(k for k, n in nonfinite.items() if k != 'total' and n.item())
+                raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss '
+                                 f'({names or "total"}): lower --lr or the weight of that term, '
+                                 'or check the teacher checkpoint and data.')
+            if rank == 0 and not last:
+                step_s = (time.time() - t0) / (i + 1 - first)
+                left = step_s * (steps - i - 1)  # then the epochs to go, at the last one's pace
+                run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps)
+                print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
+                      f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch '
+                      f'{hms(left)}, run {hms(run_left)}', flush=True)
+            # every rank stops or saves at the same step: a signal to any, rank 0's save clock
+            due = rank == 0 and args.save_every_minutes > 0 and time.time() >= next_save
+            flags = torch.tensor([signal_received is not None, due], device=device)
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            stop, save_now = flags.tolist()
+            if (stop or save_now) and not last:  # the end of an epoch saves anyway
+                next_save = time.time() + 60 * args.save_every_minutes
+                position = dict(epoch=epoch, step=i + 1, best=best, tally=(sums, skipped))
                 save_state(args, model, opt, ema, rank, world, position)
-            if stop:
-                raise Stopped(args.out, f'epoch {epoch + 1} step {i + 1}/{steps}')
-            if i + 1 == args.max_steps:  # a dry run: the epoch ends here
+            if stop and not last:
+                return f'epoch {epoch + 1} step {i + 1}/{steps}'
+            if last:
                 break
-        stop = flags.previous()[0]
         train_s = time.time() - t0
         top1 = top5 = ema_top1 = None
         extra = {}
@@ -231,10 +341,13 @@ def train(args, rank=0, world=1, device='cpu'):
             for name, f in model.eval().extra_evals().items():
                 extra[f'{name}_top1'] = evaluate(f, val_loader, device, ctx)[0]
         if rank == 0:
-            rec = {'epoch': epoch + 1, **tally.means(steps), 'top1': top1, 'top5': top5,
+            done = i + 1 - int(skipped.item())  # the finite steps of the epoch
+            rec = {'epoch': epoch + 1, **{k: round(v.item() / max(done, 1), 5)
+                                          for k, v in sums.items()},
+                   'skipped_steps': int(skipped.item()), 'top1': top1, 'top5': top5,
                    'top1_ema': ema_top1, 'teacher_top1': teacher_top1, **extra,
                    'lr': opt.param_groups[0]['lr'],
-                   'img_per_s': round((steps - first) * args.batch_size * world / train_s, 1),
+                   'img_per_s': round((i + 1 - first) * args.batch_size * world / train_s, 1),
                    'data_wait': round(train_loader.wait / train_s, 4),
                    'peak_mem_gb': peak_memory_gb(device)}
             best = save_epoch(args, rec, model, ema, best)
@@ -244,28 +357,19 @@ def train(args, rank=0, world=1, device='cpu'):
             left = epoch_s * (args.epochs - epoch - 1)
             print(json.dumps(rec), f'| run time left {hms(left)}', flush=True)
         if stop and epoch + 1 < args.epochs:
-            raise Stopped(args.out, f'the end of epoch {epoch + 1}')
+            return f'the end of epoch {epoch + 1}'
     if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
               f"{best['which']} student; the best over epochs of max(raw, EMA), the official "
               f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){teacher_note}")
-    return best
+    return None
 
 
 # What the loop is built from
-def setup(args, rank, world, device):
-    """The recipe's values of unset flags; loaders, model, optimizer (fused: no host sync),
-    schedule and EMA."""
-    recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
-    for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
-        if getattr(args, k) is None:
-            setattr(args, k, recipe[k])
-    args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
+def setup(args, steps, device):
+    """The model, its optimizer (fused where timm has it: no host sync), schedule and EMA."""
     torch.manual_seed(args.seed)
-    loaders = data.build_loaders(args.dataset, args.data_dir, args.img_size, args.batch_size,
-                                 args.recipe, args.workers, world > 1, rank, world, args.seed,
-                                 args.train_fraction, pin_memory=device != 'cpu')
     try:
         model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
     except ValueError as e:
@@ -277,19 +381,18 @@ def setup(args, rank, world, device):
         opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
     except (TypeError, RuntimeError):  # not every timm optimizer has a fused kernel
         opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
-    steps = len(loaders[0])
+    recipe = RECIPES[args.recipe]
     sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'],
                               warmup_t=int(args.warmup_epochs * steps),
                               warmup_lr_init=recipe['warmup_lr'], t_in_epochs=False)
     ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
-    return loaders, model, opt, sched, ema
+    return model, opt, sched, ema
 
 
 def build(args, num_classes):
     """The trainable module for --method, holding the frozen teacher."""
     norm = data.NORM[args.dataset] or (None, None)
-    pretrained = args.pretrained and args.method == 'ce'
-    student = models.create(args.student, num_classes, pretrained, *norm)
+    student = models.create(args.student, num_classes, args.pretrained, *norm)
     if args.method == 'ce':  # the student alone, labels only
         return Distiller(student, label_smoothing=args.smoothing)
     weights = None if args.teacher_ckpt == 'random' else args.teacher_ckpt  # None: untrained
@@ -352,7 +455,7 @@ def evaluate(net, loader, device, ctx):
 # Checkpoints: resume, log, best and last
 def start_run(args, model, opt, ema, rank, world, device):
     """--resume: all from last.pt, at the step it was written at (log lines written after it are
-    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the tally
+    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the sums
     of the interrupted epoch or None)."""
     if not args.resume:
         if rank == 0:
@@ -367,7 +470,11 @@ def start_run(args, model, opt, ema, rank, world, device):
         ck['model'].update(ck['feedback'][rank - 1])
     elif rank:  # saved by another number of processes: this rank's feedback starts from zero
         ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
-    model.load_state_dict(ck['model'], strict=rank == 0 or fits)
+    try:
+        model.load_state_dict(ck['model'], strict=rank == 0 or fits)
+    except RuntimeError as e:  # a run of an older version whose model this one no longer builds
+        raise SystemExit(f'--resume: {args.out} holds a model this version does not build '
+                         f'({str(e).splitlines()[1].strip()}): start it over with --overwrite.')
     opt.load_state_dict(ck['optimizer'])
     if ema:
         ema.load_state_dict(ck['ema'])
@@ -419,87 +526,6 @@ def save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-# Each step's flags, the losses' tally, a stop on a signal
-class Stopped(Exception):
-    """Raised by train() after it wrote last.pt on a SIGTERM/SIGUSR1: (out, where it stopped)."""
-
-
-class Flags:
-    """Each step's [non-finite loss, stop, save] flags, max-reduced over the ranks by the step's
-    one all_reduce, so that every rank skips, saves or stops at the same step. stop: a SIGTERM or
-    SIGUSR1 reached a rank (ask_to_stop); save: rank 0's clock, every --save-every-minutes. The
-    host reads them one step late, from a copy queued behind the step's kernels: it never waits
-    for the GPU."""
-    signal = None  # the name of the signal received
-
-    def __init__(self, minutes, rank):
-        self.every, self.rank, self.pending = minutes * 60, rank, None
-        self.next_save = time.time() + self.every
-
-    def reduce(self, bad):
-        due = self.rank == 0 and self.every > 0 and time.time() >= self.next_save
-        if due:
-            self.next_save = time.time() + self.every
-        flags = torch.stack([bad, bad.new_full((), self.signal is not None), bad.new_full((), due)])
-        if dist.is_initialized():
-            dist.all_reduce(flags, dist.ReduceOp.MAX)
-        return flags
-
-    def previous(self, flags=None):
-        """(stop, save) agreed at the step before; flags: this step's, read at the next call (None:
-        the epoch is over, the last step's are read now)."""
-        last, self.pending = self.pending, None
-        if flags is not None:
-            self.pending = flags[1:].to('cpu', non_blocking=True), None
-            if flags.is_cuda:
-                self.pending = self.pending[0], torch.cuda.Event()
-                self.pending[1].record()
-        if last is None:
-            return False, False
-        if last[1] is not None:
-            last[1].synchronize()
-        return tuple(v > 0 for v in last[0].tolist())
-
-
-def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR1 (SLURM --signal)
-    Flags.signal = signal.Signals(signum).name
-
-
-class Tally:
-    """The loss terms summed over an epoch's finite steps, and the non-finite steps, on the
-    device: the host reads them only at progress lines."""
-
-    def __init__(self, device):
-        self.streak = self.worst = torch.zeros((), device=device)  # in a row: now, the longest
-        self.nonfinite = {}  # per loss term, to name the culprit
-
-    def new_epoch(self, part=None):  # part: the epoch's steps before a stop (last.pt)
-        self.sums, self.skipped = part or ({}, torch.zeros_like(self.streak))
-
-    def part(self):
-        return self.sums, self.skipped
-
-    def add(self, terms, bad):
-        self.skipped, self.streak = self.skipped + bad, (self.streak + 1) * bad
-        self.worst = torch.maximum(self.worst, self.streak)
-        for k, v in terms.items():
-            v = v.detach().float()
-            self.sums[k] = self.sums.get(k, 0) + torch.where(bad > 0, 0, v)
-            self.nonfinite[k] = self.nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
-
-    def check(self):
-        if self.worst.item() >= MAX_NONFINITE:
-            names = ', '.join(k for k, n in self.nonfinite.items() if k != 'total' and n.item())
-            raise SystemExit(f'{int(self.worst.item())} steps in a row had a non-finite loss '
-                             f'({names or "total"}): lower --lr or the weight of that term, or '
-                             'check the teacher checkpoint and data.')
-
-    def means(self, steps):
-        skipped = int(self.skipped.item())
-        means = {k: round(v.item() / max(steps - skipped, 1), 5) for k, v in self.sums.items()}
-        return {**means, 'skipped_steps': skipped}
 
 
 def hms(seconds):
@@ -556,31 +582,6 @@ OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
                     lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
 
 
-def check_args(args):
-    """The mistakes argparse cannot see, caught before anything is built or written."""
-    if args.method != 'ce' and not args.teacher:
-        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
-                         'without one).')
-    if min(args.dkd[2], args.dist[2]) <= 0:
-        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
-                         'be > 0.')
-    check_path('--out', args.out, 'run directory', new=True)
-    last = os.path.join(args.out, 'last.pt')
-    if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
-        args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
-    if os.path.isfile(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
-                         '--overwrite to start over.')
-    if args.resume:
-        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
-    if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
-        check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
-    if not (args.teacher_ckpt or args.method == 'ce'):
-        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
-    if os.path.exists(args.data_dir):
-        check_path('--data-dir', args.data_dir, 'dataset directory')
-
-
 def check_path(flag, path, what, new=False):
     """path (None passes) if it is an existing `what` ('... file' or '... directory') or, if new,
     one that can be made; else one sentence."""
@@ -599,109 +600,66 @@ def check_path(flag, path, what, new=False):
     return path
 
 
-def plain(value):  # a flag's default may be a tuple where the parsed value is a list
-    return tuple(value) if isinstance(value, list) else value
-
-
-def same_run(args, last):
-    """--resume: unset (None) flags take the run's values; the others must match it, but for
-    RESUMABLE ones. Keys of removed flags are ignored, but for the RETIRED values."""
-    run = models.read_checkpoint(last, '--resume:').get('args') or {}
-    gone = [flag for flag, (key, value) in RETIRED.items() if run.get(key) == value]
-    if gone:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(gone)}, which this version "
-                         'no longer has: start it over with --overwrite.')
-    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-    diff = [f"--{k.replace('_', '-')} {run[k]}" for k in vars(get_args(['--student', '']))
-            if k in run and k not in RESUMABLE and plain(run[k]) != plain(getattr(args, k))]
-    if diff:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
-                         '--overwrite.')
-
-
-def family_recipe(name, img_size, role='student'):
-    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
-    try:
-        with torch.device('meta'):
-            net = models.create(name, 1)
-            net.shapes(img_size)
-    except ValueError as e:  # an unknown model, or not one of models.FAMILIES
-        raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        takes = models.INPUT_SIZE.get(name) or net.net.pretrained_cfg['input_size'][-1]
-        reason = str(e).splitlines()[0].rstrip('.')
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
-                         f'takes {takes}.')
-    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet
-
-
 # The teacher, the processes, the signals
-def teacher_checkpoint(args, rank, world, device):
-    """The cached teacher for (model, dataset, input size, classes), trained here if absent."""
-    classes = data.num_classes(args.dataset, args.data_dir)
-    frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
-    pre = '_pre' if args.pretrained else ''
-    key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}{pre}'
-    path = os.path.join(args.teacher_dir, key + '.pt')
-    if not os.path.isfile(path):
-        out = os.path.join(args.teacher_dir, key)
-        # a teacher run stopped by a signal goes on (the recipe gives its other flags)
-        resume = '--resume' if os.path.isfile(os.path.join(out, 'last.pt')) else '--overwrite'
-        targs = get_args(['--student', args.teacher, '--method', 'ce', resume])
-        for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
-                  'train_fraction', 'log_every', 'eval_every', 'pretrained'):
-            setattr(targs, k, getattr(args, k))
-        targs.out = out
-        targs.epochs = args.teacher_epochs or args.epochs
-        check_args(targs)
-        targs.recipe = family_recipe(args.teacher, args.img_size)  # the recipe's other flags
-        if rank == 0:
-            print(f'no teacher in {path}: training {args.teacher} with --method ce first')
-        train(targs, rank, world, device)
-        if rank == 0:
-            best = os.path.join(targs.out, 'best.pt')
-            save(torch.load(best, map_location='cpu', weights_only=True), path)
-        if world > 1:
-            dist.barrier()
-    return path
+def train_teacher(args, rank, world, device):
+    """Trains args.teacher with --method ce into its cache file args.teacher_ckpt. Returns where a
+    signal stopped it, or None."""
+    out = args.teacher_ckpt.removesuffix('.pt')
+    # a teacher run stopped by a signal goes on (the recipe gives its other flags)
+    resume = '--resume' if os.path.isfile(os.path.join(out, 'last.pt')) else '--overwrite'
+    targs = get_args(['--student', args.teacher, '--method', 'ce', resume, '--out', out])
+    for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
+              'train_fraction', 'log_every', 'eval_every', 'pretrained'):
+        setattr(targs, k, getattr(args, k))
+    targs.epochs = args.teacher_epochs or args.epochs
+    resolve(targs)
+    if rank == 0:
+        print(f'no teacher in {args.teacher_ckpt}: training {args.teacher} with --method ce first')
+    stopped = train(targs, rank, world, device)
+    if rank == 0 and not stopped:
+        best = os.path.join(targs.out, 'best.pt')
+        save(torch.load(best, map_location='cpu', weights_only=True), args.teacher_ckpt)
+    if world > 1:
+        dist.barrier()
+    return stopped
+
+
+def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR1 (SLURM --signal)
+    global signal_received
+    signal_received = signal.Signals(signum).name
 
 
 def main(argv=None):
-    args = get_args(argv)
-    check_args(args)
-    args.img_size = args.img_size or models.INPUT_SIZE.get(args.student, 224)
-    if args.method != 'ce':
-        family_recipe(args.teacher, args.img_size, 'teacher')
-    recipe = family_recipe(args.student, args.img_size)
-    args.recipe = args.recipe or recipe
+    global signal_received
+    args = resolve(get_args(argv))
     world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
     if device != 'cpu':
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.amp is None:
-        args.amp = device != 'cpu'
     if world > 1:
         dist.init_process_group('nccl' if device != 'cpu' else 'gloo')
-    Flags.signal = None
+    signal_received = None
     handlers = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        if args.method != 'ce' and not args.teacher_ckpt:
-            args.teacher_ckpt = teacher_checkpoint(args, rank, world, device)
-        train(args, rank, world, device)
-    except Stopped as stop:
-        out, where = stop.args
-        if rank == 0:
-            command = continue_command(args, argv, world, out)
-            print(f'{Flags.signal or "a signal to another process"}: stopped at {where}, saved in '
-                  f'{out}/last.pt; continue with: {command}', flush=True)
-        raise SystemExit(STOPPED) from None
+        stopped, out = None, args.out
+        if args.method != 'ce' and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
+            stopped = train_teacher(args, rank, world, device)  # not 'timm', 'random': a cache
+            out = args.teacher_ckpt.removesuffix('.pt')
+        if not stopped:
+            stopped, out = train(args, rank, world, device), args.out
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+    if stopped and rank == 0:
+        print(f'{signal_received or "a signal to another process"}: stopped at {stopped}, saved '
+              f'in {out}/last.pt; continue with: {continue_command(args, argv, world, out)}',
+              flush=True)
     if world > 1:
         dist.destroy_process_group()
+    if stopped:
+        raise SystemExit(STOPPED)
 
 
 def continue_command(args, argv, world, out):
