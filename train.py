@@ -2,14 +2,9 @@
 
     python train.py --dataset digits --teacher convnext_mini --student vit_mini   # CPU, offline
     torchrun --nproc_per_node 8 train.py --teacher convnext_t --student deit_t --dataset cifar100
-    torchrun --nnodes 2 --node_rank 0 --master_addr HOST --nproc_per_node 8 train.py ...  # and 1
 
-Without --teacher-ckpt the teacher is first trained here with --method ce and cached in
---teacher-dir. Each epoch appends a line to <out>/log.jsonl and writes <out>/last.pt (all to
-resume) and best.pt, with a timm state_dict under 'student'. A step's data depend only on (seed,
-epoch, step): --resume continues exactly from the step last.pt was written at. SIGTERM or SIGUSR1
-stop the run within --log-every steps, write last.pt and exit with code 75; workers restarted by
-torchrun --max-restarts resume from last.pt by themselves.
+Each epoch appends a line to <out>/log.jsonl and writes last.pt (all to resume: a step's data
+depend only on (seed, epoch, step)) and best.pt, a timm state_dict under 'student'.
 """
 import argparse
 import datetime
@@ -58,15 +53,14 @@ signal_received = None  # the name of a SIGTERM/SIGUSR1 this process received (a
 # The flags: the whole configuration (their types and checks are below the loop)
 def parser():
     p = Parser(description=__doc__.split('\n')[0], formatter_class=Help, epilog='SIGTERM or '
-               'SIGUSR1 stop a run after the step in progress: it writes last.pt and exits with '
-               f'code {STOPPED} (EX_TEMPFAIL).')
+               'SIGUSR1 stop a run within --log-every steps: it writes last.pt and exits with code '
+               f'{STOPPED} (EX_TEMPFAIL); torchrun restarts resume by themselves.')
     g = p.add_argument_group('models and data').add_argument
     g('--teacher', help='teacher model: a models.MODELS name or a timm name (every method but ce)')
     g('--student', required=True, help='student model: a models.MODELS name or a timm name')
-    g('--teacher-ckpt', metavar='PATH', help="teacher weights: a timm or official state_dict, a "
-      "run's best.pt, a timm CheckpointSaver file (PATH:ema: its EMA weights), a .safetensors "
-      "file, 'timm': timm's ImageNet classifier, or 'random': untrained (dry runs) (default: "
-      "trained here, see --teacher-dir)")
+    g('--teacher-ckpt', metavar='PATH', help="a timm, official or .safetensors state_dict, a "
+      "best.pt, a timm CheckpointSaver file (PATH:ema: its EMA), 'timm' (ImageNet weights) or "
+      "'random' (default: trained here with --method ce first, cached in --teacher-dir)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
@@ -81,51 +75,45 @@ def parser():
     g('--alpha', type=NONNEG, default=1.0, help="weight of KD (Eq. 8) and the baselines' terms")
     g('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
     g = p.add_argument_group('FOFA').add_argument
-    g('--nq', type=checked(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)',
-                           lambda v: v > 0 and v == 4 * math.isqrt(v // 4) ** 2),
-      default=64, help='RAA queries over the 4 stages, 4*k*k')
+    nq_ok = checked(int, '4*k*k: a k x k grid per stage (36, 64, 100, 144)',
+                    lambda v: v > 0 and v == 4 * math.isqrt(v // 4) ** 2)
+    g('--nq', type=nq_ok, default=64, help='RAA queries over the 4 stages, 4*k*k')
     g('--dim', type=checked(int, 'a positive multiple of 8', lambda v: v > 0 and v % 8 == 0),
       default=512, help='RAA width d')
     g('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     g('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
-    g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4',
-      help="teacher stages with a prompt, e.g. 1,2,3,4, or 'none'")
+    g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='teacher stages with a prompt')
     g('--no-feedback', action='store_true', help='prompts without student feedback')
-    g('--afp-fusion', default='dw', choices=('dw', 'full'),
-      help="the feedback fusion's 5x5 conv: depthwise, or full as official")
+    g('--afp-fusion', default='dw', choices=('dw', 'full'), help="feedback fusion's 5x5 conv")
     g('--recompute-stages', type=STAGES_OR_NONE, default='none', help='teacher stages whose '
-      "prompted pass runs again in backward instead of keeping activations (memory), or 'none'")
+      'prompted pass runs again in backward instead of keeping activations (memory)')
     g = p.add_argument_group('baselines').add_argument
     g('--dkd', type=NONNEG, nargs=3, default=[1.0, 8.0, 4.0], metavar=('ALPHA', 'BETA', 'T'),
       help="DKD's weights and temperature (its CIFAR setting)")
-    g('--dkd-warmup', type=SHARE, default=20 / 240, help="DKD: share of the run over which its "
-      "weight rises linearly from 0, per step (default: %(default).3g, its authors' 20 / 240)")
+    g('--dkd-warmup', type=SHARE, default=20 / 240, help="DKD: share of the run its weight "
+      "rises over from 0 (default: its authors' 20 / 240)")
     g('--dist', type=NONNEG, nargs=3, default=[1.0, 1.0, 1.0], metavar=('BETA', 'GAMMA', 'TAU'),
       help="DIST's weights and temperature")
     g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
     g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: student stages with a head')
     g('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
-    g('--hcd-kl', type=NONNEG, default=6.0,
-      help='HCD: weight of the sub-logit KL (mean over the stages)')
-    g('--hcd-warmup', type=SHARE, default=20 / 240, help='HCD: share of the run over which the '
-      'sub-logit KL weight rises linearly from 0, per step')
+    g('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (stage mean)')
+    g('--hcd-warmup', type=SHARE, default=20 / 240, help='HCD: share of the run that weight '
+      'rises over from 0')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
     g('--epochs', type=COUNT, default=30, help='epochs of the student')
     g('--max-steps', type=COUNT, help='end each epoch after this many steps (dry runs)')
-    g('--batch-size', type=COUNT, default=64, help='per process: the global batch is this times '
-      'the number of processes')
-    g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: by the "
-      "student's family: cnn for ResNet, ConvNeXt, MobileNet, else vit)")
+    g('--batch-size', type=COUNT, default=64, help='per process (global: times the processes)')
+    g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: cnn "
+      "for a student of NCHW stages, else vit)")
     g('--opt', type=OPTIMIZER, help="optimizer, a timm name (default: the recipe's, sgd or adamw)")
     g('--lr', type=POSITIVE, help="peak learning rate (default: the recipe's, 0.05 or 5e-4)")
     g('--wd', type=NONNEG, help="weight decay (default: the recipe's, 2e-3 or 0.05)")
-    g('--warmup-epochs', type=NONNEG, help="linear warm-up in epochs (default: the recipe's share "
-      'of --epochs, 3 or 20 per 300)')
+    g('--warmup-epochs', type=NONNEG, help="linear warm-up (default: 3 or 20 per 300 epochs)")
     g('--clip', type=NONNEG, help="gradient-norm clipping, 0: off (default: the recipe's, 0 or 5)")
     g('--ema', type=checked(float, 'in [0, 1)', lambda v: 0 <= v < 1), default=0.0,
       help='EMA decay of the student, e.g. 0.9998 (0: no EMA)')
-    g('--seed', type=checked(int, 'an integer in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0,
-      help='seed of the weights, data order and augmentation')
+    g('--seed', type=checked(int, 'in [0, 2**32)', lambda v: 0 <= v < 2**32), default=0)
     g = p.add_argument_group('run').add_argument
     g('--out', default='runs/last', help='run directory')
     g('--resume', action='store_true', help='continue the run in --out from its last.pt')
@@ -133,14 +121,13 @@ def parser():
     g('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     g('--compile', action='store_true', help='torch.compile the student and the teacher')
     g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    g('--workers', type=NATURAL, default=data.default_workers(), help='data loader processes per '
-      'training process, 0: none (default: the usable cores / LOCAL_WORLD_SIZE)')
+    g('--workers', type=NATURAL, default=data.default_workers(), help='loader processes per '
+      'process (default: the usable cores / LOCAL_WORLD_SIZE)')
     g('--log-every', type=COUNT, default=50, help='steps between progress lines, where the ranks '
       'also agree on a stop (signal) or a save: both take effect within this many steps')
-    g('--eval-every', type=COUNT, default=1, help='epochs between tests (the last is always '
-      'tested); the others log top1 null')
-    g('--save-every-minutes', type=NONNEG, default=15.0, help='also write last.pt inside an epoch, '
-      'at the first step this long after the last save (0: at the end of epochs only)')
+    g('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last)')
+    g('--save-every-minutes', type=NONNEG, default=15.0, help='also write last.pt inside epochs '
+      '(0: at their end only)')
     return p
 
 
@@ -148,11 +135,12 @@ def get_args(argv=None):
     return parser().parse_args(argv)
 
 
+
 # One place decides the configuration: after resolve(), args is final (and is args.json)
 def resolve(args):
-    """Checks what argparse cannot, before anything is built or written; then fills every derived
+    """Checks what argparse cannot, before anything is built or written, then fills every derived
     value: a torchrun restart becomes --resume, unset flags take the run's values on --resume,
-    then the input size, the recipe and its values, AMP and the cached teacher's path."""
+    then the input size, the recipe's values, AMP and the path of the cached teacher."""
     if args.method != 'ce' and not args.teacher:
         raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
                          'without one).')
@@ -170,35 +158,33 @@ def resolve(args):
         same_run(args, check_path('--resume: the checkpoint', last, 'file'))
     if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
         check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
-    if not (args.teacher_ckpt or args.method == 'ce'):
-        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
     if os.path.exists(args.data_dir):
         check_path('--data-dir', args.data_dir, 'dataset directory')
     args.img_size = args.img_size or models.input_size(args.student)
     if args.method != 'ce':
         family_recipe(args.teacher, args.img_size, 'teacher')
     args.recipe = args.recipe or family_recipe(args.student, args.img_size)
-    recipe = RECIPES[args.recipe]
-    args.opt = args.opt or recipe['opt']
-    args.lr = args.lr or recipe['lr']
-    args.wd = recipe['wd'] if args.wd is None else args.wd
-    if args.warmup_epochs is None:
-        args.warmup_epochs = recipe['warmup'] * args.epochs
-    args.clip = recipe['clip'] if args.clip is None else args.clip
+    recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
+    for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
+        if getattr(args, k) is None:
+            setattr(args, k, recipe[k])
     args.smoothing = 0.1 if args.recipe == 'cnn' else 0.0  # vit: smoothing is folded into mixup
-    if args.amp is None:
-        args.amp = torch.cuda.is_available()
-    if not (args.teacher_ckpt or args.method == 'ce'):
-        args.teacher_ckpt = teacher_path(args)  # trained there first if absent (main)
+    args.amp = torch.cuda.is_available() if args.amp is None else args.amp
+    if not (args.teacher_ckpt or args.method == 'ce'):  # the cache, trained first if absent
+        check_path('--teacher-dir', args.teacher_dir, 'directory', new=True)
+        classes = data.num_classes(args.dataset, args.data_dir)
+        frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
+        key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}'
+        args.teacher_ckpt = os.path.join(args.teacher_dir, key + '_pre' * args.pretrained + '.pt')
     return args
 
 
 def same_run(args, last):
-    """--resume: unset (None) flags take the run's values; the others must match it, but for
-    RESUMABLE ones."""
+    """--resume: unset (None) flags take the run's values; the others must match the run's, but
+    for the RESUMABLE ones."""
     run = models.read_checkpoint(last, '--resume:').get('args') or {}
     vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-    flags = vars(get_args(['--student', '']))  # the flags of this version (a run may hold old ones)
+    flags = vars(get_args(['--student', '']))  # this version's (a run may hold removed ones)
     diff = [f"--{k.replace('_', '-')} {shlex.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in run.items() if k in flags and k not in RESUMABLE and v != vars(args)[k]]
     if diff:
@@ -207,7 +193,7 @@ def same_run(args, last):
 
 
 def family_recipe(name, img_size, role='student'):
-    """'cnn' or 'vit' by family, after a forward at img_size on the meta device (shapes only)."""
+    """'cnn' or 'vit' by the model's stages, after a forward at img_size on the meta device."""
     try:
         with torch.device('meta'):
             net = models.create(name, 1)
@@ -218,22 +204,13 @@ def family_recipe(name, img_size, role='student'):
         reason = str(e).splitlines()[0].rstrip('.')
         raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
                          f'takes {models.input_size(name)}.')
-    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, MobileNet...
-
-
-def teacher_path(args):
-    """The cache file of the teacher for (model, dataset, input size, classes)."""
-    classes = data.num_classes(args.dataset, args.data_dir)
-    frac = f'_frac{args.train_fraction}' if args.train_fraction < 1 else ''
-    pre = '_pre' if args.pretrained else ''
-    key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}{pre}'
-    return os.path.join(args.teacher_dir, key + '.pt')
+    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, EfficientNet...
 
 
 # The loop
 def train(args, rank=0, world=1, device='cpu'):
-    """Trains as args (resolved) says. Returns None when done, or where a signal stopped it (after
-    last.pt was written)."""
+    """Trains as the resolved args say. Returns None when done, or where a signal stopped it
+    (last.pt written)."""
     train_loader, val_loader, mixup = data.build_loaders(
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
         world > 1, rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
@@ -241,31 +218,28 @@ def train(args, rank=0, world=1, device='cpu'):
     model, opt, sched, ema = setup(args, steps, device)
     start_epoch, first, best, part = start_run(args, model, opt, ema, rank, world, device)
     student, teacher = model.student, model.teacher
-    for module in (student, teacher) if args.compile else ():  # the distillers' own stay eager
-        if module is not None:
-            module.compile()
+    for module in filter(None, (student, teacher) if args.compile else ()):  # not the distiller's
+        module.compile()
     # only the trainable module is in DDP (the teacher is not a submodule); feedback stays per rank
     ids = [torch.device(device)] if device != 'cpu' else None
     net = DDP(model, device_ids=ids, broadcast_buffers=False) if world > 1 else model
     ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if args.amp else nullcontext()
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
-    teacher_note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher else ''
+    note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''
     if rank == 0:
-        trainable = sum(p.numel() for p in model.parameters()) / 1e6
         print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at '
               f'{args.img_size}px, {world} process(es) x batch {args.batch_size} = global batch '
-              f'{world * args.batch_size}, {steps} steps/epoch, {trainable:.2f}M trainable '
-              f'parameters{teacher_note}')
+              f'{world * args.batch_size}, {steps} steps/epoch, '
+              f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters{note}')
     params = [p for p in model.parameters() if p.requires_grad]
     fused, zero = opt.defaults.get('fused', False), torch.zeros((), device=device)
     next_save, epoch_s, stop = time.time() + 60 * args.save_every_minutes, None, False
     for epoch in range(start_epoch, args.epochs):
         first = first if epoch == start_epoch else 0  # > 0: resumed inside this epoch
         data.set_epoch(train_loader, epoch, args.seed, first)
-        # the epoch's sums of the loss terms over its finite steps, on the device (read at its end)
+        # sums of the loss terms over the epoch's finite steps, on the device: read at its end
         sums, skipped = part if first else ({}, zero)
-        streak = worst = zero  # non-finite steps in a row: now, the longest
-        nonfinite = {}  # per term, to name the culprit
+        streak = worst = zero  # non-finite steps in a row: now, the most in this epoch
         model.train()
         t0 = time.time()
         if device != 'cpu':
@@ -283,14 +257,14 @@ def train(args, rank=0, world=1, device='cpu'):
             with ctx:
                 _, terms = net(x, y)
             terms['total'].backward()
-            # after DDP's all-reduce every rank holds the same gradients, so the same norm: a
+            # after DDP's all-reduce every rank has the same gradients, so the same norm: a
             # non-finite loss on any rank is skipped on every rank, with no collective of our own
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             bad = ~torch.isfinite(norm)
             if args.clip:
                 torch.nn.utils.clip_grads_with_norm_(params, args.clip, norm)
             if fused:
-                opt.found_inf = bad.float()  # the kernel skips the update: no host sync
+                opt.found_inf = bad.float()  # the fused kernel skips the update: no host sync
             if fused or not bad.item():  # other optimizers need the flag on the host: a sync
                 opt.step()
             opt.zero_grad(set_to_none=True)
@@ -299,28 +273,23 @@ def train(args, rank=0, world=1, device='cpu'):
             skipped, streak = skipped + bad, (streak + 1) * bad
             worst = torch.maximum(worst, streak)
             for k, v in terms.items():
-                v = v.detach().float()
-                sums[k] = sums.get(k, 0) + torch.where(bad, 0, v)
-                nonfinite[k] = nonfinite.get(k, 0) + (~torch.isfinite(v)).float()
+                sums[k] = sums.get(k, 0) + torch.where(bad, 0, v.detach().float())
             last = i + 1 == steps or i + 1 == args.max_steps  # max_steps: a dry run's epoch ends
             if (i + 1) % args.log_every and not last:
                 continue
             # a progress line: the host reads the device here only
             if worst.item() >= MAX_NONFINITE:
-                names = ', '.join(k for k, n in nonfinite.items() if k != 'total' and n.item())
+                names = [k for k, v in terms.items() if k != 'total' and not v.isfinite()]
                 raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss '
-                                 f'({names or "total"}): lower --lr or the weight of that term, '
-                                 'or check the teacher checkpoint and data.')
+                                 f'({", ".join(names) or "total"}): lower --lr or the weight of '
+                                 'that term, or check the teacher checkpoint and data.')
             if rank == 0 and not last:
-                step_s = (time.time() - t0) / (i + 1 - first)
-                left = step_s * (steps - i - 1)  # then the epochs to go, at the last one's pace
-                run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * steps)
                 print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
-                      f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch '
-                      f'{hms(left)}, run {hms(run_left)}', flush=True)
-            # every rank stops or saves at the same step: a signal to any, rank 0's save clock
+                      + time_left(args, t0, epoch, i + 1 - first, steps - i - 1, world, epoch_s),
+                      flush=True)
+            # every rank stops or saves at the same step: a signal to any rank, rank 0's clock
             due = rank == 0 and args.save_every_minutes > 0 and time.time() >= next_save
-            flags = torch.tensor([signal_received is not None, due], device=device)
+            flags = torch.tensor([signal_received is not None, due], device=device).int()
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             stop, save_now = flags.tolist()
@@ -328,20 +297,19 @@ def train(args, rank=0, world=1, device='cpu'):
                 next_save = time.time() + 60 * args.save_every_minutes
                 position = dict(epoch=epoch, step=i + 1, best=best, tally=(sums, skipped))
                 save_state(args, model, opt, ema, rank, world, position)
-            if stop and not last:
-                return f'epoch {epoch + 1} step {i + 1}/{steps}'
+                if stop:
+                    return f'epoch {epoch + 1} step {i + 1}/{steps}'
             if last:
                 break
-        train_s = time.time() - t0
+        train_s, extra = time.time() - t0, {}
         top1 = top5 = ema_top1 = None
-        extra = {}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             top1, top5 = evaluate(student, val_loader, device, ctx)
             ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
             for name, f in model.eval().extra_evals().items():
                 extra[f'{name}_top1'] = evaluate(f, val_loader, device, ctx)[0]
         if rank == 0:
-            done = i + 1 - int(skipped.item())  # the finite steps of the epoch
+            done = i + 1 - int(skipped.item())  # the epoch's finite steps
             rec = {'epoch': epoch + 1, **{k: round(v.item() / max(done, 1), 5)
                                           for k, v in sums.items()},
                    'skipped_steps': int(skipped.item()), 'top1': top1, 'top5': top5,
@@ -352,18 +320,37 @@ def train(args, rank=0, world=1, device='cpu'):
                    'peak_mem_gb': peak_memory_gb(device)}
             best = save_epoch(args, rec, model, ema, best)
         save_state(args, model, opt, ema, rank, world, dict(epoch=epoch + 1, best=best, top1=top1))
+        epoch_s = time.time() - t0  # training, tests and saving
         if rank == 0:
-            epoch_s = time.time() - t0  # training, tests and saving
-            left = epoch_s * (args.epochs - epoch - 1)
-            print(json.dumps(rec), f'| run time left {hms(left)}', flush=True)
+            left = hms(epoch_s * (args.epochs - epoch - 1))
+            print(json.dumps(rec), f'| run time left {left}', flush=True)
         if stop and epoch + 1 < args.epochs:
             return f'the end of epoch {epoch + 1}'
     if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
               f"{best['which']} student; the best over epochs of max(raw, EMA), the official "
-              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){teacher_note}")
+              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){note}")
     return None
+
+
+def time_left(args, t0, epoch, done, to_go, world, epoch_s):
+    """Speed, and time left in the epoch (to_go steps), then in the run at the last epoch's pace."""
+    step_s = (time.time() - t0) / done
+    left = step_s * to_go
+    run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * (done + to_go))
+    return (f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
+            f'{hms(run_left)}')
+
+
+def hms(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+def peak_memory_gb(device):  # since the last reset (CUDA), or of the process (ru_maxrss: KiB)
+    if device != 'cpu':
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 # What the loop is built from
@@ -526,16 +513,6 @@ def save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def hms(seconds):
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
-def peak_memory_gb(device):
-    if device != 'cpu':
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
 
 
 # Checking the flags: one sentence for each mistake
