@@ -128,3 +128,17 @@ def cc(emb_s, emb_t):
     series in that cosine). Dims may differ."""
     s, t = F.normalize(emb_s.float(), dim=-1), F.normalize(emb_t.float(), dim=-1)
     return (s @ s.t() - t @ t.t()).pow(2).mean()
+
+
+def logit_terms(method, logits, t_logits, targets, feats, t_feats, kd_t, dkd_args, dist_args):
+    """{method: loss} of the methods that are a loss only: on the logits or (rkd, cc) on the
+    pooled last stages."""
+    if method == 'kd':
+        return {'kd': kd(logits, t_logits, kd_t)}
+    if method == 'dkd':
+        hard = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: the main class
+        return {'dkd': dkd(logits, t_logits, hard, *dkd_args)}
+    if method == 'dist':
+        return {'dist': dist(logits, t_logits, *dist_args)}
+    emb, t_emb = feats[-1].float().mean((2, 3)), t_feats[-1].float().mean((2, 3))
+    return {method: rkd(emb, t_emb) if method == 'rkd' else cc(emb, t_emb)}

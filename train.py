@@ -215,7 +215,22 @@ def train(args, rank=0, world=1, device='cpu'):
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
         world > 1, rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
     steps = len(train_loader)
-    model, opt, sched, ema = setup(args, steps, device)
+    torch.manual_seed(args.seed)
+    try:
+        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
+    try:  # fused where timm has it: it skips a non-finite step without a host sync
+        opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
+    except (TypeError, RuntimeError):
+        opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
+    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, warmup_t=int(
+        args.warmup_epochs * steps), t_in_epochs=False, lr_min=RECIPES[args.recipe]['min_lr'],
+        warmup_lr_init=RECIPES[args.recipe]['warmup_lr'])
+    ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
     start_epoch, first, best, part = start_run(args, model, opt, ema, rank, world, device)
     student, teacher = model.student, model.teacher
     for module in filter(None, (student, teacher) if args.compile else ()):  # not the distiller's
@@ -354,28 +369,6 @@ def peak_memory_gb(device):  # since the last reset (CUDA), or of the process (r
 
 
 # What the loop is built from
-def setup(args, steps, device):
-    """The model, its optimizer (fused where timm has it: no host sync), schedule and EMA."""
-    torch.manual_seed(args.seed)
-    try:
-        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
-    try:
-        opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
-    except (TypeError, RuntimeError):  # not every timm optimizer has a fused kernel
-        opt = timm.optim.create_optimizer_v2(model, args.opt, **kw)
-    recipe = RECIPES[args.recipe]
-    sched = CosineLRScheduler(opt, t_initial=args.epochs * steps, lr_min=recipe['min_lr'],
-                              warmup_t=int(args.warmup_epochs * steps),
-                              warmup_lr_init=recipe['warmup_lr'], t_in_epochs=False)
-    ema = ModelEmaV3(model.student, decay=args.ema) if args.ema else None
-    return model, opt, sched, ema
-
-
 def build(args, num_classes):
     """The trainable module for --method, holding the frozen teacher."""
     norm = data.NORM[args.dataset] or (None, None)
@@ -400,25 +393,12 @@ def build(args, num_classes):
     if args.method == 'hcd':
         return HCD(student, teacher, args.img_size, num_classes, args.hcd_n, args.hcd_kl,
                    args.hcd_warmup, **common)
-    model = Distiller(student, teacher, functools.partial(loss_terms, args), **common)
+    loss = functools.partial(losses.logit_terms, args.method, kd_t=args.kd_t, dkd_args=args.dkd,
+                             dist_args=args.dist)
+    model = Distiller(student, teacher, loss, **common)
     if args.method == 'dkd':  # the DKD authors' linear warm-up of their term
         model.ramps['dkd'] = args.dkd_warmup
     return model
-
-
-def loss_terms(args, logits, t_logits, targets, feats, t_feats):
-    """The terms of the methods that are a loss only, on logits or pooled last stages."""
-    if args.method == 'kd':
-        return {'kd': losses.kd(logits, t_logits, args.kd_t)}
-    if args.method == 'dkd':
-        classes = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: the main class
-        return {'dkd': losses.dkd(logits, t_logits, classes, *args.dkd)}
-    if args.method == 'dist':
-        return {'dist': losses.dist(logits, t_logits, *args.dist)}
-    emb, t_emb = feats[-1].float().mean((2, 3)), t_feats[-1].float().mean((2, 3))
-    if args.method == 'rkd':
-        return {'rkd': losses.rkd(emb, t_emb)}
-    return {'cc': losses.cc(emb, t_emb)}
 
 
 @torch.no_grad()
@@ -452,13 +432,11 @@ def start_run(args, model, opt, ema, rank, world, device):
             pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
         return 0, 0, {'top1': -1.0}, None
     ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-    fits = len(ck.get('feedback', [])) == world - 1  # rank 0's feedback is in 'model'
-    if rank and fits:
-        ck['model'].update(ck['feedback'][rank - 1])
-    elif rank:  # saved by another number of processes: this rank's feedback starts from zero
-        ck['model'] = {k: v for k, v in ck['model'].items() if not k.endswith('.feedback')}
+    others = ck.get('feedback', [])  # ranks 1.. (rank 0's is in 'model')
+    if rank:  # this rank's own feedback; with more ranks than the run had, rank 0's
+        ck['model'].update(others[rank - 1] if rank <= len(others) else {})
     try:
-        model.load_state_dict(ck['model'], strict=rank == 0 or fits)
+        model.load_state_dict(ck['model'])
     except RuntimeError as e:  # a run of an older version whose model this one no longer builds
         raise SystemExit(f'--resume: {args.out} holds a model this version does not build '
                          f'({str(e).splitlines()[1].strip()}): start it over with --overwrite.')
@@ -466,10 +444,10 @@ def start_run(args, model, opt, ema, rank, world, device):
     if ema:
         ema.load_state_dict(ck['ema'])
     log = pathlib.Path(args.out, 'log.jsonl')
-    lines = log.read_text().splitlines(True) if rank == 0 and log.exists() else []
-    kept = [line for line in lines if json.loads(line)['epoch'] <= ck['epoch']]
-    if len(kept) < len(lines):
-        pathlib.Path(f'{log}.tmp').write_text(''.join(kept))
+    if rank == 0 and log.exists():  # lines written after last.pt are redone
+        lines = log.read_text().splitlines(True)
+        pathlib.Path(f'{log}.tmp').write_text(''.join(
+            line for line in lines if json.loads(line)['epoch'] <= ck['epoch']))
         os.replace(f'{log}.tmp', log)
     return ck['epoch'], ck.get('step', 0), ck['best'], ck.get('tally')
 
@@ -491,13 +469,11 @@ def save_epoch(args, rec, model, ema, best):
 def save_state(args, model, opt, ema, rank, world, position):
     """last.pt (rank 0): all to resume at position (epoch, step, ...), every rank's FOFA feedback
     (Eq. 5) included. A collective: every rank calls it at the same step."""
-    feedback = [{} for _ in range(world)]  # per rank: {buffer name: tensor}
-    for k, v in model.state_dict().items() if world > 1 else ():
-        if k.endswith('.feedback'):  # one shape on every rank (drop_last): a gather, no pickling
-            parts = [torch.empty_like(v) for _ in range(world)] if rank == 0 else None
-            dist.gather(v, parts)
-            for own, part in zip(feedback, parts or ()):
-                own[k] = part
+    own = {k: v.cpu() for k, v in model.state_dict().items() if k.endswith('.feedback')}
+    feedback = [own]
+    if world > 1:  # rank 0 gathers every rank's own
+        feedback = [None] * world if rank == 0 else None
+        dist.gather_object(own, feedback)
     if rank == 0:
         save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
               'feedback': feedback[1:], 'optimizer': opt.state_dict(),
@@ -621,8 +597,9 @@ def main(argv=None):
     handlers = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         stopped, out = None, args.out
-        if args.method != 'ce' and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
-            stopped = train_teacher(args, rank, world, device)  # not 'timm', 'random': a cache
+        cached = args.teacher_ckpt not in (None, 'timm', 'random')  # user files were checked
+        if cached and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
+            stopped = train_teacher(args, rank, world, device)
             out = args.teacher_ckpt.removesuffix('.pt')
         if not stopped:
             stopped, out = train(args, rank, world, device), args.out
