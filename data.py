@@ -89,9 +89,8 @@ def _image_datasets(dataset, data_dir, img_size, recipe):
 
 
 class Folder(torchvision.datasets.ImageFolder):
-    """An ImageFolder that replaces an image it cannot read by the next readable one of its split:
-    the same on every rank and worker and after a resume, and the batch keeps its size (FOFA's
-    feedback is per sample). Each unreadable file is named once (NOTES.md, Data)."""
+    """An ImageFolder that replaces an image it cannot read by the next readable one of its split,
+    the same on every rank and worker and after a resume, and names it once (NOTES.md, Data)."""
     def __init__(self, root, transform):
         super().__init__(root, transform, allow_empty=True)
         found = set(self.targets)
@@ -102,20 +101,23 @@ class Folder(torchvision.datasets.ImageFolder):
                              "folder or remove the class from train/ and val/.")
         # per image, found unreadable by this process or one of its loader workers
         self.unreadable = torch.zeros(len(self), dtype=torch.bool).share_memory_()
+        self.load(0)  # a split without a readable image stops here, not in a loader worker
 
     def __getitem__(self, index):
+        image, target = self.load(index)
+        return self.transform(image), target
+
+    def load(self, index):  # the image at index or the next readable one, and its label
         for k in (i % len(self) for i in range(index, index + len(self))):
             path, target = self.samples[k]
             try:
-                image = self.loader(path)
+                return self.loader(path), target
             except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, huge
                 if not self.unreadable[k]:
                     print(f"warning: {path} cannot be read ({type(e).__name__}) and is replaced by "
                           "the next image of its split: remove or fix it.", file=sys.stderr,
                           flush=True)
                 self.unreadable[k] = True
-            else:
-                return self.transform(image), target
         raise SystemExit(f"No image in {self.root} can be read: check its files.")
 
 
@@ -172,10 +174,7 @@ def seed_globals(*key, cuda=True):
     s = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
     random.seed(s)
     np.random.seed(s % 2**32)
-    if cuda:
-        torch.manual_seed(s)
-    else:
-        torch.default_generator.manual_seed(s)
+    (torch if cuda else torch.default_generator).manual_seed(s)
 
 
 class SeededSamples(torch.utils.data.Dataset):

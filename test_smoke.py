@@ -1234,6 +1234,10 @@ def test_unreadable_images_are_replaced_by_the_next_one_and_named_once(tmp_path,
     expected = folder.transform(folder.loader(path))
     x, y = epochs[1][row // 4]
     assert torch.equal(x[row % 4], expected) and y[row % 4] == label
+    for path in (root / 'val').rglob('*.png'):
+        path.write_bytes(b'not an image')
+    with pytest.raises(SystemExit, match=f"No image in {root / 'val'} can be read"):
+        data.build_loaders('folder', str(root), 32, 4, workers=0)
 
 
 def _all_labels(loader):
