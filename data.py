@@ -1,27 +1,28 @@
-"""Datasets and loaders: CIFAR-100, ImageNet (ImageFolder) and sklearn digits. Loaders yield int64
-labels and images in [0, 1], NOT normalised: each model normalises its own input (teacher and
-student may use different stats)."""
+"""Datasets and loaders: CIFAR-100, image class folders (ImageNet's layout) and sklearn digits.
+Loaders yield int64 labels and images in [0, 1], NOT normalised: each model normalises its own
+input (teacher and student may use different stats)."""
 import os
 import random
+import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment
 from timm.data import create_transform
 
-DATASETS = ('cifar100', 'imagenet', 'digits')
-NUM_CLASSES = {'cifar100': 100, 'imagenet': 1000, 'digits': 10}
-# per-channel stats the models normalise with; imagenet: None = each model's own timm config.
+# folder: any train/<class>/ and val/<class>/ folders of images; imagenet is the same loader
+DATASETS = ('cifar100', 'imagenet', 'folder', 'digits')
+NUM_CLASSES = {'cifar100': 100, 'digits': 10}  # folders: their class folders
+# per-channel stats the models normalise with; folders: None = each model's own timm config.
 # digits: train split of the fixed split below, scaled to [0,1] and upsampled to 32x32.
-NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-        'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)), 'imagenet': None}
-IDENTITY = ((0., 0., 0.), (1., 1., 1.))  # makes timm's Normalize a no-op
+NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 'imagenet': None,
+        'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)), 'folder': None}
 
 
 def _posterize(img, bits_to_keep, _timm_posterize=auto_augment.posterize, **kwargs):
@@ -37,63 +38,87 @@ auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_O
 
 
 def num_classes(dataset, data_dir=None):
-    if dataset != 'imagenet':
+    if dataset in NUM_CLASSES:
         return NUM_CLASSES[dataset]
-    return sum(e.is_dir() for e in os.scandir(_imagefolder(data_dir, 'train')))
+    return _imagefolder(data_dir, 'train')[1]
 
 
-def _imagefolder(data_dir, split):
-    if not os.path.isdir(path := os.path.join(data_dir or '', split)):
-        raise SystemExit(f"ImageNet folder {path} not found: --data-dir must contain "
-                         "train/<class>/*.JPEG and val/<class>/*.JPEG.")
-    return path
+def _imagefolder(data_dir, split):  # the split's path and its number of classes
+    path = os.path.join(data_dir or '', split)
+    classes = [e for e in os.scandir(path) if e.is_dir()] if os.path.isdir(path) else []
+    if not classes:
+        raise SystemExit(f"Image folder {path} not found or without class folders: --data-dir "
+                         "must contain train/<class>/ and val/<class>/ folders of images.")
+    return path, len(classes)
 
 
 def _transform(dataset, img_size, recipe, train):
-    if not train:  # Resize(img_size / 0.875) + CenterCrop(img_size)
-        return _lean(create_transform(img_size, crop_pct=0.875, interpolation='bilinear',
-                                      mean=IDENTITY[0], std=IDENTITY[1]))
-    vit = recipe == 'vit'
-    # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
-    # vit pipeline is built with real stats and the Normalize is undone at the end.
-    mean, std = IDENTITY
-    if vit:
-        mean, std = NORM[dataset] or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    tf = create_transform(img_size, is_training=True, color_jitter=0., interpolation='bilinear',
-                          auto_augment='rand-m9-mstd0.5-inc1' if vit else None,
-                          re_prob=0.25 if vit else 0., re_mode='pixel', mean=mean, std=std)
-    if vit:
-        inverse = [-m / s for m, s in zip(mean, std)], [1 / s for s in std]
-        tf.transforms.append(torchvision.transforms.Normalize(*inverse))
-    return tf if vit else _lean(tf)
-
-
-def _lean(tf):
-    """tf without timm's Normalize built with the IDENTITY stats: it returned its input, at about
-    14% of the cnn pipeline's CPU time per image (224 px)."""
+    vit = train and recipe == 'vit'
+    mean, std = NORM[dataset] or (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    tf = create_transform(img_size, is_training=train, color_jitter=0., interpolation='bilinear',
+                          auto_augment='rand-m9-mstd0.5-inc1' if vit else None, re_mode='pixel',
+                          re_prob=0.25 if vit else 0., crop_pct=0.875, mean=mean, std=std)
     normalize = torchvision.transforms.Normalize
-    tf.transforms = [t for t in tf.transforms if not isinstance(t, normalize)]
+    if not vit:  # the models normalise their own input: timm's Normalize is dropped
+        tf.transforms = [t for t in tf.transforms if not isinstance(t, normalize)]
+        return tf
+    # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
+    # vit pipeline keeps timm's Normalize and undoes it at the end.
+    tf.transforms.append(normalize([-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
     return tf
 
 
 def _image_datasets(dataset, data_dir, img_size, recipe):
     tf_train, tf_val = (_transform(dataset, img_size, recipe, t) for t in (True, False))
+    if dataset != 'cifar100':
+        paths = [_imagefolder(data_dir, split)[0] for split in ('train', 'val')]
+        train, val = Folder(paths[0], tf_train), Folder(paths[1], tf_val)
+        if train.classes != val.classes:
+            raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
+        return SeededSamples(train), val
     data_dir = data_dir or '.'
-    if dataset == 'cifar100':
-        try:  # download=True only fetches when the files are missing or corrupt
-            return [torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
-                    for t, tf in ((True, tf_train), (False, tf_val))]
-        except (OSError, RuntimeError) as e:
-            folder = os.path.join(data_dir, 'cifar-100-python')
-            raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
-                             "and extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
-                             f"into {data_dir} (--data-dir).")
-    paths = [_imagefolder(data_dir, split) for split in ('train', 'val')]
-    train = torchvision.datasets.ImageFolder(paths[0], tf_train)
-    val = torchvision.datasets.ImageFolder(paths[1], tf_val)
-    if train.classes != val.classes:
-        raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
-    return train, val
+    try:  # download=True only fetches when the files are missing or corrupt
+        train, val = (torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
+                      for t, tf in ((True, tf_train), (False, tf_val)))
+    except (OSError, RuntimeError) as e:
+        folder = os.path.join(data_dir, 'cifar-100-python')
+        raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
+                         "and extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
+                         f"into {data_dir} (--data-dir).")
+    return SeededSamples(train), val
+
+
+class Folder(torchvision.datasets.ImageFolder):
+    """An ImageFolder that replaces an image it cannot read by the next readable one of its split,
+    the same on every rank and worker and after a resume, and names it once (NOTES.md, Data)."""
+    def __init__(self, root, transform):
+        super().__init__(root, transform, allow_empty=True)
+        found = set(self.targets)
+        empty = [os.path.join(root, c) for k, c in enumerate(self.classes) if k not in found]
+        if empty:
+            types = ', '.join(torchvision.datasets.folder.IMG_EXTENSIONS)
+            raise SystemExit(f"No image ({types}) in {', '.join(empty)}: add images to each class "
+                             "folder or remove the class from train/ and val/.")
+        # per image, found unreadable by this process or one of its loader workers
+        self.unreadable = torch.zeros(len(self), dtype=torch.bool).share_memory_()
+        self.load(0)  # a split without a readable image stops here, not in a loader worker
+
+    def __getitem__(self, index):
+        image, target = self.load(index)
+        return self.transform(image), target
+
+    def load(self, index):  # the image at index or the next readable one, and its label
+        for k in (i % len(self) for i in range(index, index + len(self))):
+            path, target = self.samples[k]
+            try:
+                return self.loader(path), target
+            except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, huge
+                if not self.unreadable[k]:
+                    print(f"warning: {path} cannot be read ({type(e).__name__}) and is replaced by "
+                          "the next image of its split: remove or fix it.", file=sys.stderr,
+                          flush=True)
+                self.unreadable[k] = True
+        raise SystemExit(f"No image in {self.root} can be read: check its files.")
 
 
 def _digits_datasets(img_size, train_fraction):
@@ -111,32 +136,14 @@ def _digits_datasets(img_size, train_fraction):
         train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
                                         stratify=d.target[train_idx], random_state=0)
     train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-    train = Digits(x[train_idx], y[train_idx], pad=max(1, img_size // 8))
-    return train, Digits(x[val_idx], y[val_idx])
-
-
-class Digits(torch.utils.data.Dataset):
-    """Digits in memory; training images shift by up to +-pad pixels (no flips: they change
-    digits), drawn from (seed, epoch, index): N processes see the batches one process would."""
-    def __init__(self, x, y, pad=0):
-        self.x, self.y, self.pad = x, y, pad
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, key):  # an index (validation), or (index, seed, epoch) from EpochSampler
-        i, seed, epoch = key if isinstance(key, tuple) else (key, 0, 0)
-        x, p = self.x[i], self.pad
-        if p:
-            g = torch.Generator().manual_seed((seed * 10_007 + epoch) * 1_000_003 + i)
-            r, c = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
-            x = F.pad(x, (p, p, p, p))[:, r:r + self.x.shape[-2], c:c + self.x.shape[-1]]
-        return x, self.y[i]
+    # training images shift by up to img_size / 8 pixels (no flips: they change digits)
+    shift = torchvision.transforms.RandomCrop(img_size, padding=max(1, img_size // 8))
+    train = SeededSamples(TensorDataset(x[train_idx], y[train_idx]), shift)
+    return train, TensorDataset(x[val_idx], y[val_idx])
 
 
 def default_workers():
-    """Loader processes per training process: the cores this process may use, shared by the local
-    processes torchrun started (LOCAL_WORLD_SIZE), at least 1."""
+    """Loader processes: the cores this process may use over torchrun's local processes, >= 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     return max(1, cores // int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
 
@@ -147,6 +154,10 @@ class TimedLoader(DataLoader):
     CUDA the host's view: the GPU may still be busy with queued steps while the host waits)."""
     wait = 0.0
 
+    @property
+    def unreadable(self):  # the training images found unreadable so far (Folder), for the log
+        return int(getattr(self.dataset.dataset, 'unreadable', torch.zeros(0)).sum())
+
     def __iter__(self):
         t0, self.wait = time.perf_counter(), 0.0
         for batch in super().__iter__():
@@ -155,30 +166,23 @@ class TimedLoader(DataLoader):
             t0 = time.perf_counter()  # the step runs outside next()
         self.wait += time.perf_counter() - t0
 
-def sample_seed(*key):
-    """A 64-bit seed mixed from small integers (seed, epoch, index or step...): nearby keys give
-    unrelated streams."""
-    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
-
 
 def seed_globals(*key, cuda=True):
-    """Seeds the generators that augmentations and batch draws use: Python's, NumPy's, torch's
+    """Seeds the generators that augmentations and batch draws use, from a key of small integers
+    (seed, epoch, index or step...; nearby keys give unrelated streams): Python's, NumPy's, torch's
     CPU one, and torch's CUDA ones unless cuda=False (per image: the transforms run on the CPU)."""
-    s = sample_seed(*key)
+    s = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
     random.seed(s)
     np.random.seed(s % 2**32)
-    if cuda:
-        torch.manual_seed(s)
-    else:
-        torch.default_generator.manual_seed(s)
+    (torch if cuda else torch.default_generator).manual_seed(s)
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """An image dataset whose sample (index, seed, epoch) is augmented with the generators seeded
-    from that key, in the main process or in any loader worker: an image looks the same whatever
-    the rank, the number of workers or the step its epoch was resumed at."""
-    def __init__(self, dataset):
-        self.dataset = dataset
+    """A training set whose sample (index, seed, epoch) is augmented (its transform, then `augment`)
+    with the generators seeded from that key, in the main process or any loader worker: an image
+    looks the same whatever the rank, the number of workers or the step its epoch resumed at."""
+    def __init__(self, dataset, augment=torch.nn.Identity()):
+        self.dataset, self.augment = dataset, augment
 
     def __len__(self):
         return len(self.dataset)
@@ -186,14 +190,14 @@ class SeededSamples(torch.utils.data.Dataset):
     def __getitem__(self, key):
         i, seed, epoch = key
         seed_globals(seed, epoch, i, cuda=False)
-        return self.dataset[i]
+        image, label = self.dataset[i]
+        return self.augment(image), label
 
 
 class EpochSampler(DistributedSampler):
     """DistributedSampler's epoch permutation (seed + epoch), this rank's every world_size-th
-    sample, as (index, seed, epoch) keys: the key travels to the worker with the index, so the
-    dataset holds no epoch state (persistent workers see it too). The first `skip` samples are
-    left out, never loaded: a run resumed inside an epoch."""
+    sample, as (index, seed, epoch) keys: the dataset holds no epoch state (workers get the key).
+    The first `skip` samples are left out, never loaded: a run resumed inside an epoch."""
     skip = 0
 
     def __iter__(self):
@@ -207,24 +211,18 @@ class EpochSampler(DistributedSampler):
 def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
                   distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
                   pin_memory=False):
-    """Returns (train_loader, val_loader, mixup_fn_or_None): train.py applies Mixup/CutMix to
-    each batch."""
-    if dataset not in DATASETS:
-        raise SystemExit(f"Unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}.")
+    """(train_loader, val_loader, Mixup or None): train.py applies Mixup/CutMix to each batch."""
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
-    # iter() draws the workers' base seeds from it, not from the global RNG; augmentation does not
-    # use them (SeededSamples)
+    # iter() draws the workers' base seeds from it (not the global RNG); SeededSamples ignores them
     generator = torch.Generator().manual_seed(seed)
     if dataset == 'digits':
         train_set, val_set = _digits_datasets(img_size, train_fraction)
         workers = 0  # already tensors in memory
     else:
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
-        train_set = SeededSamples(train_set)
-    # one process is a world of size 1: the epoch's permutation is the same for any number of
-    # processes, and rank r takes every world_size-th sample, so a step of N processes sees the
-    # samples one process would in one batch
+    # one permutation for any number of processes, rank r takes every world_size-th sample: a step
+    # of N processes sees the samples one process would in one batch
     train_sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=seed,
                                  drop_last=True)
     val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards

@@ -1070,20 +1070,19 @@ def test_cifar100(fake_cifar, no_download, recipe):
     assert 0 <= x.min() and x.max() <= 1
 
 
-@pytest.mark.parametrize('train_split', [True, False])
-def test_cnn_and_test_transforms_drop_the_identity_normalize_and_give_the_same_images(monkeypatch, train_split):
+@pytest.mark.parametrize('recipe, train_split', [('cnn', True), ('cnn', False), ('vit', True)])
+def test_transforms_give_unnormalised_images(recipe, train_split):
+    """cnn and test pipelines drop timm's Normalize; vit's undoes it after RandAugment and erasing
+    (whose fill and noise live in normalised space)."""
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    lean = data._transform('cifar100', 64, 'cnn', train_split)
-    monkeypatch.setattr(data, '_lean', lambda tf: tf)  # timm's pipeline as built
-    full = data._transform('cifar100', 64, 'cnn', train_split)
-    is_norm = lambda tf: [isinstance(t, torchvision.transforms.Normalize) for t in tf.transforms]
-    assert not any(is_norm(lean)) and sum(is_norm(full)) == 1
-    outs = []
-    for tf in (lean, full):
-        random.seed(0)
-        torch.manual_seed(0)
-        outs.append(tf(img))
-    assert torch.equal(*outs)
+    tf = data._transform('cifar100', 64, recipe, train_split)
+    norms = [t for t in tf.transforms if isinstance(t, torchvision.transforms.Normalize)]
+    assert len(norms) == (2 if recipe == 'vit' else 0)
+    x = torchvision.transforms.functional.to_tensor(img)
+    if norms:  # the second undoes the first
+        assert torch.allclose(norms[1](norms[0](x.clone())), x, atol=1e-6)
+    out = tf(img)
+    assert out.shape == (3, 64, 64) and (recipe == 'vit' or 0 <= out.min() and out.max() <= 1)
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -1128,18 +1127,19 @@ def test_default_workers_share_the_usable_cores_among_local_processes(monkeypatc
     assert train.get_args(['--student', 'vit_mini']).workers == workers
     assert train.get_args(['--student', 'vit_mini', '--workers', '0']).workers == 0  # the flag wins
 
+@pytest.mark.parametrize('dataset', ['cifar100', 'digits'])
 def test_augmentation_is_per_image_whatever_the_workers_the_ranks_or_the_first_step(
-        fake_cifar, no_download):
+        dataset, fake_cifar, no_download):
     """Each image is augmented from (seed, epoch, index): the batches do not depend on the loader
     workers, on the rank (two ranks' batches interleave into one process's batch of twice the
     size) or on where the epoch starts (set_epoch at step k gives the epoch's batches from k on,
     and loads only those)."""
     def epoch(workers=0, rank=0, world=1, batch=4, step=0):
-        loader, _, _ = data.build_loaders('cifar100', str(fake_cifar), 32, batch, recipe='vit',
+        loader, _, _ = data.build_loaders(dataset, str(fake_cifar), 32, batch, recipe='vit',
                                           workers=workers, distributed=world > 1, rank=rank,
-                                          world_size=world, seed=3)
+                                          world_size=world, seed=3, train_fraction=0.016)
         data.set_epoch(loader, 1, 3, step)
-        assert len(loader) == 20 // world // batch - step  # 20 images
+        assert len(loader) == 20 // world // batch - step  # 20 images (digits: 1.6% of 1257)
         return [(x, y) for x, y in loader]
     same = lambda a, b: torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     whole = epoch()
@@ -1169,10 +1169,11 @@ def _image_folder(root, n_classes=3, n_images=4):
     return root
 
 
-def test_imagenet_folder(tmp_path):
+@pytest.mark.parametrize('dataset', ['folder', 'imagenet'])
+def test_image_folder(tmp_path, dataset):
     root = _image_folder(tmp_path)
-    assert data.num_classes('imagenet', str(root)) == 3
-    train, val, mixup = data.build_loaders('imagenet', str(root), img_size=32, batch_size=4,
+    assert data.num_classes(dataset, str(root)) == 3 and data.NORM[dataset] is None
+    train, val, mixup = data.build_loaders(dataset, str(root), img_size=32, batch_size=4,
                                            recipe='vit', workers=0)
     assert len(train) == 3 and mixup.num_classes == 3
     x, y = next(iter(train))
@@ -1181,14 +1182,59 @@ def test_imagenet_folder(tmp_path):
     assert sorted(seen.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_imagenet_missing(tmp_path):
+def test_image_folder_missing(tmp_path):
     with pytest.raises(SystemExit, match=str(tmp_path / 'train')):
-        data.build_loaders('imagenet', str(tmp_path), 32, 8, workers=0)
+        data.build_loaders('folder', str(tmp_path), 32, 8, workers=0)
+    (tmp_path / 'train').mkdir()  # no class folder
     with pytest.raises(SystemExit, match='train/<class>'):
         data.num_classes('imagenet', str(tmp_path))
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     with pytest.raises(SystemExit, match=str(tmp_path / 'val')):
-        data.build_loaders('imagenet', str(tmp_path), 32, 8, workers=0)
+        data.build_loaders('folder', str(tmp_path), 32, 8, workers=0)
+
+
+def test_a_class_folder_without_images_is_one_sentence(tmp_path):
+    root = _image_folder(tmp_path)
+    empty = root / 'train' / 'n00000001'
+    for image in empty.iterdir():
+        image.unlink()
+    (empty / 'notes.txt').write_text('not an image')
+    with pytest.raises(SystemExit) as e:
+        data.build_loaders('folder', str(root), 32, 4, workers=0)
+    msg = str(e.value.code)
+    assert str(empty) in msg and '.png' in msg and '\n' not in msg and msg.endswith('.'), msg
+
+
+def test_unreadable_images_are_replaced_by_the_next_one_and_named_once(tmp_path, capfd):
+    """A corrupt file (here random bytes) does not stop a run: its sample is the next image of
+    the split, augmented from the corrupt one's key, so a resumed run and every rank agree."""
+    root = _image_folder(tmp_path)  # 3 classes x 4 images per split
+    bad, bad_val = root / 'train' / 'n00000001' / '1.png', root / 'val' / 'n00000001' / '3.png'
+    for path in (bad, bad_val):
+        path.write_bytes(np.random.default_rng(1).bytes(300))
+    loader, val, _ = data.build_loaders('folder', str(root), 32, 4, recipe='vit', workers=2,
+                                        seed=3)
+    folder = loader.dataset.dataset
+    k = [path for path, _ in folder.samples].index(str(bad))
+    epochs = []
+    for epoch in (1, 2):
+        data.set_epoch(loader, epoch, 3)
+        epochs.append(list(loader))
+    assert [len(batches) for batches in epochs] == [3, 3] and loader.unreadable == 1
+    assert torch.cat([y for _, y in val]).tolist() == [0] * 4 + [1] * 3 + [2] * 5  # the next one
+    err = capfd.readouterr().err
+    assert err.count(str(bad)) == 1 and err.count(str(bad_val)) == 1, err  # once, 2 epochs
+    assert 'remove or fix it' in err
+    row = list(loader.sampler).index((k, 3, 2))  # the corrupt image's place in epoch 2
+    data.seed_globals(3, 2, k, cuda=False)
+    path, label = folder.samples[k + 1]
+    expected = folder.transform(folder.loader(path))
+    x, y = epochs[1][row // 4]
+    assert torch.equal(x[row % 4], expected) and y[row % 4] == label
+    for path in (root / 'val').rglob('*.png'):
+        path.write_bytes(b'not an image')
+    with pytest.raises(SystemExit, match=f"No image in {root / 'val'} can be read"):
+        data.build_loaders('folder', str(root), 32, 4, workers=0)
 
 
 def _all_labels(loader):
@@ -1200,7 +1246,7 @@ def test_digits_split_and_determinism():
     assert mixup is None and train.num_workers == 0
     n_train, n_val = len(train.dataset), len(val.dataset)
     assert n_train + n_val == 1797 and n_val == 540
-    counts = torch.bincount(val.dataset.y, minlength=10)
+    counts = torch.bincount(val.dataset.tensors[1], minlength=10)
     assert counts.min() >= 50 and counts.max() <= 56  # stratified: ~54 per class
     x, y = next(iter(train))
     assert x.shape == (64, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
@@ -1208,8 +1254,8 @@ def test_digits_split_and_determinism():
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 0], x[:, 2])
     # the split does not depend on the run seed
     train2, val2, _ = data.build_loaders('digits', None, 32, 64, seed=123)
-    assert torch.equal(val.dataset.x, val2.dataset.x)
-    assert torch.equal(train.dataset.x, train2.dataset.x)
+    assert torch.equal(val.dataset.tensors[0], val2.dataset.tensors[0])
+    assert torch.equal(train.dataset.dataset.tensors[0], train2.dataset.dataset.tensors[0])
     # order and augmentation are a function of (seed, epoch) only
     def first(loader, epoch, seed):
         data.set_epoch(loader, epoch, seed)
@@ -1222,20 +1268,23 @@ def test_digits_split_and_determinism():
     epoch = list(train)
     data.set_epoch(train, 3, 7)
     assert all(torch.equal(p[0], q[0]) for p, q in zip(epoch, train))
+    shifted = [train.dataset[(i, 7, e)][0] for i in range(10) for e in (3, 4)]
+    assert not all(torch.equal(a, b) for a, b in zip(shifted[::2], shifted[1::2]))
 
 
 def test_digits_train_fraction():
     full, _, _ = data.build_loaders('digits', None, 32, 16)
     sub, _, _ = data.build_loaders('digits', None, 32, 16, train_fraction=0.2, seed=1)
     sub2, _, _ = data.build_loaders('digits', None, 32, 16, train_fraction=0.2, seed=2)
-    n = len(sub.dataset)
-    assert abs(n - 0.2 * len(full.dataset)) <= 1
-    assert torch.equal(sub.dataset.x, sub2.dataset.x)  # fixed subset
-    counts = torch.bincount(sub.dataset.y, minlength=10)
+    (x_full, _), (x, y), (x2, _) = (s.dataset.dataset.tensors for s in (full, sub, sub2))
+    n = len(y)
+    assert abs(n - 0.2 * len(x_full)) <= 1
+    assert torch.equal(x, x2)  # fixed subset
+    counts = torch.bincount(y, minlength=10)
     assert counts.min() >= n // 10 - 2 and counts.max() <= n // 10 + 2  # stratified
     # the subset is drawn from the training part, never from the val set
-    full_rows = {tuple(r.flatten()[::7].tolist()) for r in full.dataset.x}
-    assert all(tuple(r.flatten()[::7].tolist()) in full_rows for r in sub.dataset.x)
+    full_rows = {tuple(r.flatten()[::7].tolist()) for r in x_full}
+    assert all(tuple(r.flatten()[::7].tolist()) in full_rows for r in x)
 
 
 def test_digits_vit_mixup():
@@ -1273,8 +1322,6 @@ def test_randaugment_posterize_zero_bits():
 
 
 def test_bad_arguments():
-    with pytest.raises(SystemExit, match='Unknown dataset'):
-        data.build_loaders('mnist', None, 32, 8)
     with pytest.raises(SystemExit, match='batch-size'):
         data.build_loaders('digits', None, 32, 5000)
     with pytest.raises(SystemExit, match='even'):
