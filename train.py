@@ -64,7 +64,8 @@ def parser():
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
-    g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline')
+    g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline; '
+      'folder (or imagenet): --data-dir/{train,val}/<class>/ images')
     g('--data-dir', default='data', help='dataset root (cifar100: downloaded there if missing)')
     g('--img-size', type=COUNT, help="input size in pixels (default: the student's, 224 or 32)")
     g('--train-fraction', type=checked(float, 'in (0, 1]', lambda v: 0 < v <= 1), default=1.0,
@@ -332,6 +333,7 @@ def train(args, rank=0, world=1, device='cpu'):
                    'lr': opt.param_groups[0]['lr'],
                    'img_per_s': round((i + 1 - first) * args.batch_size * world / train_s, 1),
                    'data_wait': round(train_loader.wait / train_s, 4),
+                   'unreadable_images': train_loader.unreadable,  # replaced (NOTES.md, Data)
                    'peak_mem_gb': peak_memory_gb(device)}
             best = save_epoch(args, rec, model, ema, best)
         save_state(args, model, opt, ema, rank, world, dict(epoch=epoch + 1, best=best, top1=top1))
