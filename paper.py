@@ -1,4 +1,4 @@
-"""The FOFA paper's Tables 1, 2, 4, 5 and 6 (arXiv 2501.08885): every cell, run and compared.
+"""The runs of Tables 1, 2, 4, 5 and 6 of the FOFA paper (arXiv 2501.08885), beside its numbers.
 
     python paper.py 1 --list                  # every run's command and state; runs nothing
     python paper.py 1 --dry-run --parallel 2  # every cell built at its input size, 2 steps on CPU
@@ -359,7 +359,8 @@ def compare(root, table, metric):
 
 def parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('table', choices=tuple(PAIRS), help="the paper's table")
+    p.add_argument('table', choices=tuple(PAIRS), help="the paper's table: its runs, unless "
+                   '--list, --dry-run or --compare')
     mode = p.add_mutually_exclusive_group()
     mode.add_argument('--list', action='store_true', help="every run's command, global batch and "
                       'state; runs nothing')
@@ -369,7 +370,7 @@ def parser():
                       help="our runs beside the paper's numbers (paper_numbers.csv)")
     p.add_argument('--metric', choices=tuple(METRICS), default='best',
                    help="with --compare, a run's top-1: " + '; or '.join(METRICS.values()))
-    p.add_argument('--seeds', nargs='+', type=train.NATURAL, default=[0, 1, 2],
+    p.add_argument('--seeds', nargs='+', type=train.NATURAL, default=[0, 1, 2], metavar='N',
                    help='the paper averages 3 trials (default: 0 1 2)')
     p.add_argument('--gpus', type=train.COUNT, default=1,
                    help="processes (GPUs) per run, each with the cell's global batch / GPUS")
