@@ -14,7 +14,6 @@ finished runs are skipped, interrupted ones resumed. README says what to downloa
 import argparse
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import math
@@ -237,16 +236,13 @@ def fake_data(root):
                 Image.fromarray(image).save(f'{root}/imagenet/{split}/n{c}/{i}.png')
 
 
-def dry_run_process(root, threads):
+def dry_run_process(threads):
     """A dry-run process: --parallel of them share the cores. torchvision checks CIFAR-100 against
-    the real files' md5 sums: here, the fake files' own."""
+    the real files' md5 sums; with none (None) it checks that the files exist."""
     torch.set_num_threads(threads)
-    cifar, sums = torchvision.datasets.CIFAR100, {}
-    for name in ('train', 'test', 'meta'):
-        with open(f'{root}/cifar-100-python/{name}', 'rb') as f:
-            sums[name] = hashlib.md5(f.read()).hexdigest()
-    cifar.train_list, cifar.test_list = [['train', sums['train']]], [['test', sums['test']]]
-    cifar.meta = {**cifar.meta, 'md5': sums['meta']}
+    cifar = torchvision.datasets.CIFAR100
+    cifar.train_list, cifar.test_list = [['train', None]], [['test', None]]
+    cifar.meta = {**cifar.meta, 'md5': None}
 
 
 def dry_run_cell(label, argv):
@@ -288,7 +284,7 @@ def dry_run(args, root):
     threads = max(1, data.default_workers() // args.parallel)  # the usable cores, shared
     start = time.time()
     spawn = multiprocessing.get_context('spawn')  # not fork: this process may have run torch
-    with spawn.Pool(args.parallel, initializer=dry_run_process, initargs=(root, threads)) as pool:
+    with spawn.Pool(args.parallel, initializer=dry_run_process, initargs=(threads,)) as pool:
         passed = sum(pool.starmap(dry_run_cell, jobs, chunksize=1))
     print(f'# Table {args.table}: {passed} of {len(jobs)} cells built and stepped in '
           f'{time.time() - start:.0f} s')
