@@ -5,7 +5,7 @@
 # its FOFA flags, so later changes of their defaults do not change what a finished run measured. JOBS single-thread trainings run
 # side by side. Restartable: finished runs are skipped, interrupted ones resume from their last.pt. Each finished
 # (or diverged) run's args.json and tested-epoch log lines go to $RESULTS (tracked by git: results survive a new
-# checkout, and RESULTS.md's tables are `python eval.py --summarize results/evidence`); checkpoints stay in $OUT.
+# checkout, and RESULTS.md's tables are `python report.py results/evidence`); checkpoints stay in $OUT.
 #   bash evidence.sh      # = OUT=runs/evidence RESULTS=results/evidence SEEDS="0 1 2 3 4" JOBS=2 bash evidence.sh
 #   ONLY="ce kd" bash evidence.sh    # a subset of the configs; ONLY_PAIRS="swin_mini-resnet_mini": of the pairs
 set -euo pipefail
@@ -75,6 +75,6 @@ for pair in "${PAIRS[@]}"; do  # pair by pair (the cheap pairs first), seed-majo
 done | xargs -P "$JOBS" -L 1 bash -c 'run "$@"' _
 echo "all runs: $((SECONDS - start)) s; seconds per pair and config (all seeds):"
 awk -F'\t' '{s[$1 " " $2] += $4} END {for (k in s) print k, s[k]}' "$RESULTS/times.tsv" | sort
-python eval.py --summarize "$RESULTS" --paired kd:ce raa:ce fofa:ce raa:fitnet afp_nofeedback:raa \
+python report.py "$RESULTS" --paired kd:ce raa:ce fofa:ce raa:fitnet afp_nofeedback:raa \
   fofa:afp_nofeedback fofa:raa fofa_gamma16:fofa fofa_clip5:fofa dkd:ce hcd:ce  # regime, ladder, hypotheses
-python eval.py --summarize "$RESULTS" --curves results/curves.png
+python report.py "$RESULTS" --curves results/curves.png

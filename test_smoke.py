@@ -27,6 +27,8 @@ from PIL import Image
 import data
 import eval as evaluate_script
 import models
+import paper
+import report
 import train
 from baselines import FBT, HCD
 from fofa import AFP, FOFA, RAA, Distiller, conv_chain_mean
@@ -542,7 +544,7 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
         (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e + 1, 'top1': a, 'skipped_steps': int(a == 0)})
                                              + '\n' for e, a in enumerate(accs)))
         (d / 'args.json').write_text(json.dumps({'epochs': 3}))
-    evaluate_script.main(['--summarize', str(tmp_path), '--paired', 'fofa:kd', 'kd:ofa'])
+    report.main([str(tmp_path), '--paired', 'fofa:kd', 'kd:ofa'])
     out = capsys.readouterr().out
     assert 'cnn -> vit, teacher top-1 95.00' in out
     # drift: epoch 3 (the last 20%) minus epoch 2 (the 20% before); paired to kd: 2 and 2
@@ -558,7 +560,7 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
         (d / 'log.jsonl').write_text(''.join(json.dumps({'epoch': e, 'top1': 50.0 + e}) + '\n' for e in (1, 2, 3)))
         (d / 'args.json').write_text(json.dumps({'epochs': 3}))
     png = tmp_path / 'curves.png'
-    rows = evaluate_script.main(['--summarize', str(tmp_path), '--curves', str(png)])
+    rows = report.main([str(tmp_path), '--curves', str(png)])
     assert rows == {'ladder': ['kd', 'fofa'], 'baselines': ['kd', 'fofa'], 'hypotheses': ['fofa', 'fofa_gamma16']}
     img = np.asarray(Image.open(png).convert('RGB')).astype(int)
     assert 400 < img.shape[0] < 2000 and 400 < img.shape[1] < 2000  # 3 rows of 1 panel
@@ -568,8 +570,8 @@ def test_summarize_pairs_seeds_and_draws_curves(tmp_path, capsys):
 
 
 def test_training_does_not_import_matplotlib():
-    # the figures import it inside eval.py's functions only, so training needs no plotting library
-    code = 'import sys, train, eval; assert "matplotlib" not in sys.modules, "matplotlib was imported"'
+    # the figures import it inside eval.py's and report.py's functions only: training and the tables need none
+    code = 'import sys, train, eval, paper; assert "matplotlib" not in sys.modules, "matplotlib was imported"'
     subprocess.run([sys.executable, '-c', code], cwd=os.path.dirname(os.path.abspath(__file__)), check=True)
 
 
@@ -810,10 +812,19 @@ def user_error_cases(tmp_path):
         (['eval.py', '--ckpt', t, '--attn', str(empty)], 'is a directory, not a PNG file'),
         (['eval.py', '--ckpt', fitnet, '--attn', str(tmp_path / 'a.png')], 'not the last.pt of a FOFA run'),
         (['eval.py', '--ckpt', resumable, '--attn', str(tmp_path / 'a.png')], 'with RAA: --attn needs it'),
-        (['eval.py', '--summarize', str(tmp_path / 'nowhere')], 'does not exist'),
-        (['eval.py', '--summarize', str(empty)], 'holds no finished runs'),
-        (['eval.py', '--summarize', str(empty), '--paired', 'raa'], '--paired takes configs in pairs'),
-        (['eval.py', '--summarize', str(empty), '--curves', str(empty)], 'is a directory, not a PNG file'),
+        (['report.py', str(tmp_path / 'nowhere')], 'does not exist'),
+        (['report.py', str(empty)], 'holds no finished runs'),
+        (['report.py', str(empty), '--paired', 'raa'], '--paired takes configs in pairs'),
+        (['report.py', str(empty), '--curves', str(empty)], 'is a directory, not a PNG file'),
+        (['paper.py', '3', '--list'], "table: invalid choice: '3'"),
+        (['paper.py', '4', '--lsit'], 'unrecognized arguments: --lsit'),
+        (['paper.py', '4', '--list', '--gpus', '3'], 'global batch 128 of convnext_t-deit_t/fitnet is not a multiple'),
+        (['paper.py', '4', '--list', '--only', 'nothing'], 'matches no cell of Table 4'),
+        (['paper.py', '4', '--list', '--only', '(fofa'], 'is not a regular expression'),
+        (['paper.py', '4', '--list', '--seeds', 'a'], "--seeds: 'a' is not an integer >= 0"),
+        (['paper.py', '4', '--list', '--compare'], 'not allowed with argument --list'),
+        (['paper.py', '4', '--compare', '--runs', str(tmp_path / 'nowhere')], 'does not exist'),
+        (['paper.py', '2', '--compare', '--runs', str(empty)], 'holds no finished runs'),
         (['bench.py'] + ok + ['--methods', 'ce,magic'], '--methods'),
         (['bench.py', '--student', 'vit_mini', '--methods', 'ce,kd'], 'needs a --teacher'),
         (['bench.py'] + ok + ['--steps', '0'], '--steps'),
@@ -833,13 +844,14 @@ def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
     cases = user_error_cases(tmp_path)
     snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
     before = snapshot()
-    mains = {'eval.py': evaluate_script.main, 'bench.py': bench.main}
+    mains = {'eval.py': evaluate_script.main, 'bench.py': bench.main, 'report.py': report.main,
+             'paper.py': paper.main}
     assert len(cases) >= 40
     for argv, words in cases:
         main = mains.get(argv[0], train.main)
         if argv[0] in mains:
             argv = argv[1:]
-        if main is not evaluate_script.main and '--out' not in argv:
+        if main in (train.main, bench.main) and '--out' not in argv:
             argv = argv + ['--out', str(finished), '--overwrite']  # a failing run must not touch the existing one
         t0 = time.time()
         with pytest.raises(SystemExit) as e:
@@ -895,7 +907,8 @@ def test_user_error_exits_nonzero_without_traceback(tmp_path):
     pair = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--out', str(tmp_path / 'run')]
     cmds = [['train.py', *pair, '--nq', '63'],  # argparse's type path
             ['train.py', *pair, '--img-size', '30'],  # the size probe
-            ['eval.py', '--ckpt', str(tmp_path)], ['bench.py', *pair, '--methods', 'kd,magic']]
+            ['eval.py', '--ckpt', str(tmp_path)], ['bench.py', *pair, '--methods', 'kd,magic'],
+            ['report.py', str(tmp_path / 'runs')], ['paper.py', '4', '--list', '--gpus', '3']]
     procs = [subprocess.Popen([sys.executable, *cmd], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for cmd in cmds]
     for cmd, p in zip(cmds, procs):
@@ -1686,7 +1699,7 @@ def test_eval_reads_checkpoint_saver_ema(monkeypatch, capsys):
         evaluate_script.main(['--model', name, '--ckpt', os.path.join(FIXTURES, 'resnet.pth:ema'), '--img-size', '32'])
 
 
-# ---------------------------------------------------- paper.sh, paper_numbers.csv, eval.py --paper
+# ---------------------------------------------------- paper.py, paper_numbers.csv
 PAPER_CSV = os.path.join(HERE, 'paper_numbers.csv')
 
 
@@ -1696,7 +1709,10 @@ def test_paper_numbers_give_the_papers_average_rows_and_cite_each_number():
     rows = list(csv.DictReader(open(PAPER_CSV, newline='')))
     keys = [(r['table'], r['pair'], r['config'], r['metric']) for r in rows]
     assert len(keys) == len(set(keys))
-    assert all(re.search(r'\(arXiv \d{4}\.\d{5}\), Table [1-6]$', r['source']) for r in rows)
+    for r in rows:  # the arXiv versions the numbers were read from; FBT's beside FOFA's in Tables 1-2
+        fbt = r['config'] == 'fbt' and r['table'] in ('1', '2')
+        paper_of_number = 'FBT, arXiv 2410.12342' if fbt else 'FOFA, arXiv 2501.08885'
+        assert r['source'] == f"{paper_of_number}, Table {r['table']}", r
     averages = [r for r in rows if r['pair'] == 'average']
     assert len(averages) == 9 + 1 + 9  # Table 1 and FBT's, Table 2
     for avg in averages:  # S.: FOFA's column (FBT prints the same)
@@ -1708,80 +1724,86 @@ def test_paper_numbers_give_the_papers_average_rows_and_cite_each_number():
         assert abs(gain - float(avg['value'])) < 0.006, avg  # printed to 2 decimals
 
 
-def paper_sh(tmp_path, *args, **env):
-    """bash paper.sh ARGS with RUNS in tmp_path: (exit code, stdout, stderr)."""
-    env = {**CPU_ENV, 'RUNS': str(tmp_path / 'runs'), **env}
-    r = subprocess.run(['bash', 'paper.sh', *args], cwd=HERE, capture_output=True, text=True,
-                       timeout=900, env=env)
-    return r.returncode, r.stdout, r.stderr
+FAKE_TRAIN = """import json, os, sys
+out, epochs = sys.argv[sys.argv.index('--out') + 1], sys.argv[sys.argv.index('--epochs') + 1]
+with open(os.path.join(out, 'log.jsonl'), 'a') as f:
+    f.write(json.dumps({'epoch': int(epochs), 'gpu': os.environ.get('CUDA_VISIBLE_DEVICES')}) + '\\n')
+print('top-1 99.00')
+"""  # stands in for train.py: the run is finished at once
 
 
-FAKE_PYTHON = r"""#!/usr/bin/env bash
-while (( $# )); do case $1 in --out) out=$2;; --epochs) n=$2;; esac; shift; done
-echo "{\"epoch\": $n, \"gpu\": \"$CUDA_VISIBLE_DEVICES\"}" >> "$out/log.jsonl"
-"""  # stands in for python train.py: the run is finished at once
-
-
-def test_paper_sh_skips_finished_resumes_interrupted_and_shares_the_gpus(tmp_path):
+def test_paper_lists_skips_finished_resumes_interrupted_and_shares_the_gpus(tmp_path, capsys, monkeypatch):
     runs = tmp_path / 'runs' / 'cifar100' / 'convnext_t-deit_t'
     for seed, epochs in ((0, 300), (1, 7)):  # seed 1 stopped after epoch 7, seed 2 never ran
         log = ''.join(json.dumps({'epoch': e + 1, 'top1': 1.0}) + '\n' for e in range(epochs))
         (runs / 'fofa' / f'seed{seed}').mkdir(parents=True)
         (runs / 'fofa' / f'seed{seed}' / 'log.jsonl').write_text(log)
     (runs / 'fofa' / 'seed1' / 'last.pt').write_bytes(b'')
-    code, out, _ = paper_sh(tmp_path, '4', '--list', GPUS='2')
-    assert code == 0 and out.count('global batch 128 = 2 GPU(s) x 64') == 12
+    at = ['--runs', str(tmp_path / 'runs')]
+    paper.main(['4', '--list', '--gpus', '2'] + at)
+    out = capsys.readouterr().out
+    assert out.count('global batch 128 = 2 GPU(s) x 64') == 12
     assert 'convnext_t-deit_t/fofa seed 0: global batch 128 = 2 GPU(s) x 64, done' in out
-    assert '# Table 4: 11 runs to do' in out
+    assert '# Table 4: 11 runs to do' in out and '--workers' not in out  # workers: train.py's default
     lines = out.splitlines()
     resumed = lines[lines.index('# cifar100 convnext_t-deit_t/fofa seed 1: global batch 128 = 2 '
                                 'GPU(s) x 64, resumes after epoch 7') + 1]
-    assert resumed.startswith('python -m torch.distributed.run --standalone --nproc_per_node 2 '
-                              'train.py --teacher convnext_t --teacher-ckpt '
-                              'teachers/convnext_tiny_cifar100.pth --student deit_t')
+    launch = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+              os.path.relpath(paper.TRAIN)]
+    assert resumed.startswith(shlex.join(launch + ['--teacher', 'convnext_t', '--teacher-ckpt',
+                                                   'teachers/convnext_tiny_cifar100.pth', '--student', 'deit_t']))
     assert resumed.endswith(f"--seed 1 --out {runs / 'fofa' / 'seed1'} --resume")
     for table, config, flags in (('4', 'raa', '--method fofa --afp-stages none'),
                                  ('4', 'afp_nofb', '--no-feedback'),
                                  ('5', 'afp134', '--afp-stages 1,3,4'), ('6', 'nq36', '--nq 36'),
                                  ('1', 'hcd', '--method hcd --dataset cifar100'),
                                  ('2', 'fofa', '--method fofa --nq 144 --dataset imagenet')):
-        only = f'^convnext_t-deit_t/{config}$'
-        code, out, _ = paper_sh(tmp_path, table, '--list', ONLY=only, SEEDS='0')
-        assert code == 0 and flags in out and out.count('\n') == 3, out
-    code, out, _ = paper_sh(tmp_path, '2', '--list', ONLY='^swin_t-resnet18/kd$', SEEDS='0')
-    assert 'swin_tiny_patch4_window7_224.ms_in1k --teacher-ckpt timm' in out
+        paper.main([table, '--list', '--only', f'^convnext_t-deit_t/{config}$', '--seeds', '0'] + at)
+        out = capsys.readouterr().out
+        assert flags in out and out.count('\n') == 3, out
+    paper.main(['2', '--list', '--only', '^swin_t-resnet18/kd$', '--seeds', '0', '--imagenet', 'in1k'] + at)
+    out = capsys.readouterr().out
+    assert 'swin_tiny_patch4_window7_224.ms_in1k --teacher-ckpt timm' in out and '--data-dir in1k' in out
     assert '--lr 0.1 --wd 1e-4' in out and 'global batch 256' in out and '--epochs 100' in out
-    fake = tmp_path / 'fake_python'
-    fake.write_text(FAKE_PYTHON)
-    fake.chmod(0o755)
-    code, out, err = paper_sh(tmp_path, '6', PYTHON=str(fake), PARALLEL='2')  # 2 at once
-    assert code == 0 and out.count('\nstarted ') == 14 and 'all runs finished' in out, err
-    logs = runs.glob('*/seed*/log.jsonl')
-    gpus = {json.loads(open(log).readlines()[-1]).get('gpu') for log in logs}
+    fake = tmp_path / 'fake_train.py'
+    fake.write_text(FAKE_TRAIN)
+    monkeypatch.setattr(paper, 'TRAIN', str(fake))
+    paper.main(['6', '--parallel', '2'] + at)  # 2 at once
+    out = capsys.readouterr().out
+    assert out.count('\nstarted ') == 14 and out.count(': top-1 99.00\n') == 14 and 'all runs finished' in out
+    assert (runs / 'nq36' / 'seed2' / 'train.log').read_text() == 'top-1 99.00\n'  # each run's output
+    gpus = {json.loads(open(log).readlines()[-1]).get('gpu') for log in runs.glob('*/seed*/log.jsonl')}
     assert gpus == {'0', '1', None}  # each worker on a GPU of its own; None: the run done before
-    assert paper_sh(tmp_path, '6', '--list')[1].count(', done\n') == 15
-    for args, env, words in ((['3'], {}, 'give a table'),
-                             (['4', '--lsit'], {}, "unknown option '--lsit'"),
-                             (['4', '--list'], {'GPUS': '3'}, 'not a multiple of GPUS=3'),
-                             (['4', '--list'], {'ONLY': 'nothing'}, 'no cell of Table 4'),
-                             (['4', '--list'], {'SEEDS': 'a'}, 'not a list of integers')):
-        code, out, err = paper_sh(tmp_path, *args, **env)
-        assert code == 1 and words in err and err.count('\n') == 1 and err.endswith('.\n'), err
+    paper.main(['6', '--list'] + at)
+    assert capsys.readouterr().out.count(', done\n') == 15
+    fake.write_text('import sys; print("no GPU here"); sys.exit(1)')
+    with pytest.raises(SystemExit, match='3 of 3 runs failed: see the FAILED lines'):
+        paper.main(['4', '--only', 'raa', '--seeds', '0', '1', '2'] + at)
+    assert capsys.readouterr().out.count(': no GPU here\n') == 3
 
 
-def test_paper_sh_dry_run_builds_and_steps_every_pair_and_method(tmp_path):
+def test_paper_dry_run_builds_and_steps_every_pair_and_method(tmp_path, capsys):
     """Table 1's twelve pairs with FOFA and one pair with every method, each built at 224 px and
     trained two steps on CPU (fake CIFAR-100, random teachers): a cell that cannot fails here."""
     only = '/fofa$|^convnext_t-deit_t/|^scratch-deit_t/'
-    code, out, err = paper_sh(tmp_path, '1', '--dry-run', str(tmp_path / 'dry'), ONLY=only,
-                              PARALLEL='2')  # 2 processes of a thread each: faster on 2 cores
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert out.count(': ok, 224 px, loss ') == 22 and '# Table 1: all 22 cells built and stepped' in out
-    assert 'cifar100 mixer_b16-swin_p/fofa (global batch 128): ok' in out
-    assert sorted(os.listdir(tmp_path / 'dry')) == ['cifar-100-python', 'imagenet']  # runs removed
+    (tmp_path / 'tmp').mkdir()
+    r = subprocess.run([sys.executable, 'paper.py', '1', '--dry-run', '--only', only, '--parallel', '2'],
+                       cwd=HERE, capture_output=True, text=True, timeout=900,
+                       env={**CPU_ENV, 'TMPDIR': str(tmp_path / 'tmp')})  # 2 processes of a thread each
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count(': ok, 224 px, loss ') == 22 and '# Table 1: 22 of 22 cells built and stepped' in r.stdout
+    assert 'cifar100 mixer_b16-swin_p/fofa (global batch 128): ok' in r.stdout
+    assert not [p for p in os.listdir(tmp_path / 'tmp') if not p.startswith('pymp-')]  # fake data and runs gone
+    # a cell's line: ok with its input size and loss, or train.py's sentence; its run directory is removed
+    tiny = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', 'random', '--dim', '32',
+            '--epochs', '1', '--max-steps', '2', '--batch-size', '2', '--workers', '0', '--out', str(tmp_path / 'c')]
+    assert paper.dry_run_cell('mini', tiny) and not (tmp_path / 'c').exists()
+    assert not paper.dry_run_cell('bad', tiny + ['--nq', '50'])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith('mini: ok, 32 px, loss ') and lines[1].startswith("bad: FAIL: --nq: '50' is not")
 
 
-def test_eval_paper_puts_our_cells_beside_the_papers(tmp_path, capsys):
+def test_paper_compare_puts_our_cells_beside_the_papers(tmp_path, capsys):
     def run(path, epochs, done=2):  # epochs: (raw, EMA) top-1 per epoch; done: its --epochs
         path.mkdir(parents=True)
         path.joinpath('args.json').write_text(json.dumps({'epochs': done}))
@@ -1795,7 +1817,7 @@ def test_eval_paper_puts_our_cells_beside_the_papers(tmp_path, capsys):
     run(c100 / 'swin_t-resnet18' / 'fofa' / 'seed1', [(75.0, 82.0), (81.0, 80.0)])
     run(c100 / 'swin_t-resnet18' / 'kd' / 'seed0', [(70.0, None)])  # still running
     run(c100 / 'convnext_t-deit_t' / 'nq36' / 'seed0', [(70.0, None), (79.5, None)])
-    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '1'])
+    paper.main(['1', '--compare', '--runs', str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     row = next(line for line in lines if line.startswith('| swin_t -> resnet18 |'))
     assert row.startswith('| swin_t -> resnet18 | 95.00 / 89.26 (+5.74) | '
@@ -1807,20 +1829,23 @@ def test_eval_paper_puts_our_cells_beside_the_papers(tmp_path, capsys):
     assert '| - / 3.17 |' in gains and '| 6.00 / 8.17 (-2.17) (1) |' in gains  # KD; FOFA: 1 pair
     assert 'left out, swin_t-resnet18/kd: 0 diverged, 1 unfinished' in lines
     assert any('Acc 80.49' in line for line in lines)  # the notes
-    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '1', '--metric', 'last'])
+    paper.main(['1', '--compare', '--runs', str(tmp_path), '--metric', 'last'])
     assert '| 80.00 ± 1.41 / 81.22 (-1.22) |' in capsys.readouterr().out  # the last raw top-1
-    evaluate_script.main(['--summarize', str(tmp_path), '--paper', '6'])
+    paper.main(['6', '--compare', '--runs', str(tmp_path)])
     out = capsys.readouterr().out
     assert '| 36 | 79.50 / 79.03 (+0.47) | 12.00 / 13.79 (-1.79) |' in out  # memory: its peak
     assert '| 80 | - / 80.14 | - / 14.37 |' in out and '| 100 | - / - | - / - |' in out
     assert 'left out' not in out  # the unfinished kd run is no cell of Table 6
     with pytest.raises(SystemExit, match='holds no finished runs'):
-        evaluate_script.main(['--summarize', str(tmp_path), '--paper', '2'])  # no imagenet/ runs
+        paper.main(['2', '--compare', '--runs', str(tmp_path)])  # no imagenet/ runs
 
 
 # ---------------------------------------------------------------- the docs cannot drift from the flags
+SCRIPTS = ('train.py', 'bench.py', 'eval.py', 'report.py', 'paper.py')
+
+
 def doc_commands(path):
-    """(script, argv) of every train.py, bench.py and eval.py command in a markdown file: code blocks
+    """(script, argv) of every command of the project's scripts (SCRIPTS) in a markdown file: code blocks
     (continuation lines joined, `for X in a b; do ...; done` expanded over its values) and inline code."""
     text = open(path).read()
     blocks = re.findall(r'```[a-z]*\n(.*?)```', text, re.S)
@@ -1833,12 +1858,12 @@ def doc_commands(path):
         bodies = [line]
         if loop:
             bodies = [loop.group(3).replace(f'${loop.group(1)}', v) for v in loop.group(2).split()]
-        for body in (b for b in bodies if re.search(r'\b(train|bench|eval)\.py', b)):
+        for body in (b for b in bodies if re.search(r'\b(train|bench|eval|report|paper)\.py', b)):
             for name, value in variables.items():  # NAME="..." lines of the same file
                 body = body.replace(f'${name}', value)
             tokens = shlex.split(body.split(';')[0].split('|')[0], comments=True)
             for i, token in enumerate(tokens):
-                if token in ('train.py', 'bench.py', 'eval.py') and '...' not in tokens:
+                if token in SCRIPTS and '...' not in tokens:
                     commands.append((token, [t for t in tokens[i + 1:] if not t.startswith('>')]))
     return commands
 
@@ -1846,10 +1871,11 @@ def doc_commands(path):
 @pytest.mark.parametrize('doc', ['README.md', 'RESULTS.md'])
 def test_every_command_in_the_docs_parses_with_the_projects_parsers(doc):
     import bench
-    parsers = {'train.py': train.parser, 'bench.py': bench.parser, 'eval.py': evaluate_script.parser}
+    parsers = {'train.py': train.parser, 'bench.py': bench.parser, 'eval.py': evaluate_script.parser,
+               'report.py': report.parser, 'paper.py': paper.parser}
     commands = doc_commands(os.path.join(HERE, doc))
     scripts = {script for script, _ in commands}
-    assert scripts >= ({'train.py', 'bench.py', 'eval.py'} if doc == 'README.md' else {'eval.py'})
+    assert scripts >= (set(SCRIPTS) if doc == 'README.md' else {'eval.py', 'report.py'})
     for script, argv in commands:
         if script == 'bench.py' and '--selfcheck' in argv:
             argv = argv + ['--student', '']  # bench.py takes the pairs from --pairs there
