@@ -17,7 +17,7 @@ import train
 
 
 def accuracy(args):
-    img_size = args.img_size or models.INPUT_SIZE.get(args.model, 224)
+    img_size = args.img_size or models.input_size(args.model)
     train.family_recipe(args.model, img_size, 'model')  # an unknown model, or a size it cannot take
     classes, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset]
     try:  # --ckpt: a file, PATH:ema, or 'timm' (ImageNet weights)

@@ -103,7 +103,7 @@ def parser():
       'rises over from 0')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
     g('--epochs', type=COUNT, default=30, help='epochs of the student')
-    g('--max-steps', type=COUNT, help='end each epoch after this many steps (dry runs)')
+    g('--max-steps', type=COUNT, help='end each epoch after this many steps (paper.py --dry-run)')
     g('--batch-size', type=COUNT, default=64, help='per process (global: times the processes)')
     g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: cnn "
       "for a student of NCHW stages, else vit)")
