@@ -56,39 +56,32 @@ def _isotropic(n):
     return [end - 1 for end in ends]
 
 
-def _stage_modules(net, bounds):
-    """Per stage, what recompute runs again: the tap and its siblings from stage 1's start or
-    after the previous tap (bounds: these 5 module names), or the tap alone if not siblings."""
-    stages = []
-    for i, (before, tap) in enumerate(zip(bounds, bounds[1:])):
-        parent = tap.rpartition('.')[0]
-        children = net.get_submodule(parent).named_children()
-        names = [f'{parent}.{name}'.lstrip('.') for name, _ in children]
-        first = names.index(before) + (i > 0) if before in names else names.index(tap)
-        stages.append([net.get_submodule(name) for name in names[first:names.index(tap) + 1]])
-    return stages
-
-
 class Staged(nn.Module):
     """A timm classifier as stem, 4 stages and head: its own forward, hooked at positions k = 0-4
     (stage 1's input, stage k's output). Takes [0, 1] images, normalised with its mean/std."""
 
     def __init__(self, net, mean, std, img_size):
         super().__init__()
-        self.net, levels = net, net.feature_info
+        self.net, levels, modules = net, net.feature_info, dict(net.named_modules())
         isotropic = len({level['reduction'] for level in levels}) == 1
         taps = [levels[i] for i in (_isotropic(len(levels)) if isotropic else range(-4, 0))]
         self._reduction = [tap['reduction'] for tap in taps[:1] + taps]
+        names = [tap['module'] for tap in taps]
+        if not set(names) <= modules.keys() or len(set(names)) < 4:
+            raise ValueError(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
         # stage 1 starts at the first module of the container that holds the first tap, or at the
         # tap itself (ResNet: after the maxpool); stage k + 1 takes stage k's output
-        start, parent = taps[0]['module'], taps[0]['module'].rpartition('.')[0]
+        start, parent = names[0], names[0].rpartition('.')[0]
         if parent:
-            start = f'{parent}.{next(net.get_submodule(parent).named_children())[0]}'
-        bounds = [start] + [tap['module'] for tap in taps]
-        self._stages = _stage_modules(net, bounds)  # lists: not in the state_dict
-        net.get_submodule(start).register_forward_pre_hook(partial(self._hook, 0))
-        for k, name in enumerate(bounds[1:], 1):
-            net.get_submodule(name).register_forward_hook(partial(self._hook, k))
+            start = f'{parent}.{next(modules[parent].named_children())[0]}'
+        self._bounds = [start] + names
+        modules[start].register_forward_pre_hook(partial(self._hook, 0))
+        for k, name in enumerate(self._bounds[1:], 1):
+            modules[name].register_forward_hook(partial(self._hook, k))
+        for parent in {name.rpartition('.')[0] for name in self._bounds}:  # recompute's units:
+            for name, child in modules[parent].named_children():  # those with no hook inside
+                if not any(b.startswith(f'{parent}.{name}.'.lstrip('.')) for b in self._bounds):
+                    child.forward = partial(self._run, child.forward)
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._seen, self._format = None, {}
@@ -113,6 +106,13 @@ class Staged(nn.Module):
             x = torch.cat([x[:, :prefix].detach(), m.flatten(1, 2)], 1) if layout == 'nlc' else m
         return x if output else (x, *args[1:])
 
+    def _run(self, forward, *args, **kwargs):
+        """A child of a container of taps, in the stage of the last position seen: checkpointed
+        (only its forward: the hooks around it run once) if that stage is to be recomputed."""
+        if self._seen is not None and len(self._seen) - 1 in self._recompute:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
     def to_map(self, x, k):
         """The tensor at position k -> (B, C, H, W), without class or register tokens."""
         layout, prefix = self._format[k]
@@ -126,15 +126,11 @@ class Staged(nn.Module):
         that stage's input. recompute: stage indices 0-3 whose modules keep only their inputs for
         backward and run again (less memory, more time)."""
         self._seen, self._prompts, self._hw = {}, prompts or {}, images.shape[-2:]
-        again = [m for i in set(recompute) for m in self._stages[i] if torch.is_grad_enabled()]
-        for module in again:  # only forward is checkpointed: the hooks around it run once
-            module.forward = partial(checkpoint, module.forward, use_reentrant=False)
+        self._recompute = set(recompute) if torch.is_grad_enabled() else set()
         try:
             features = self.net.forward_features((images - self.mean) / self.std)
         finally:
-            seen, self._seen = self._seen, None
-            for module in again:
-                del module.forward
+            seen, self._seen, self._prompts = self._seen, None, None  # the prompts may hold graphs
         feats = [self.to_map(seen[k], k) for k in range(1, 5)]
         # a head conv after the last level (MobileNetV2's 1280 channels) ends stage 4
         if features.ndim == 4 and features.shape[1] != feats[3].shape[1] and \
@@ -264,6 +260,10 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     if isinstance(weights, str) and weights != 'timm':
         load_weights(weights, net, f'{name} ({num_classes} classes)')
     cfg = getattr(net, 'pretrained_cfg', None) or {}
-    return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
-                  std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD),
-                  kwargs.get('img_size', size))
+    try:
+        return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
+                      std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD),
+                      kwargs.get('img_size', size))
+    except (AttributeError, AssertionError, RuntimeError, TypeError) as e:  # lists, tuples...
+        raise ValueError(f"model '{name}' ({type(net).__name__}) has no single map or token "
+                         f'tensor at its feature levels ({type(e).__name__} in a first forward).')

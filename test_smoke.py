@@ -311,7 +311,7 @@ def test_official_squeeze_excitation_is_a_channel_bias(teacher):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in afp.parameters())
 
 
-@pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini'])
+@pytest.mark.parametrize('teacher', ['convnext_mini', 'swin_mini', 'vit_mini', 'test_efficientnet'])
 def test_recomputed_teacher_stages_give_the_same_losses_and_gradients(teacher):
     # --recompute-stages trades time for memory only: same losses, gradients and next feedback as keeping activations;
     # the chosen stages (1-based) do run again in backward
@@ -324,8 +324,9 @@ def test_recomputed_teacher_stages_give_the_same_losses_and_gradients(teacher):
                 afp.beta.fill_(0.5)
                 afp.feedback = torch.randn(4, *afp.out_shape, generator=torch.Generator().manual_seed(1))
         count = [0] * 4
-        for i, stage in enumerate(d.teacher._stages):  # a module inside the stage's last one runs again with it
-            next(stage[-1].children()).register_forward_pre_hook(lambda *_, i=i: count.__setitem__(i, count[i] + 1))
+        for i, name in enumerate(d.teacher._bounds[1:]):  # a module inside each stage runs again with it
+            tap = d.teacher.net.get_submodule(name)
+            next(tap.children()).register_forward_pre_hook(lambda *_, i=i: count.__setitem__(i, count[i] + 1))
         _, losses = d(x, y)
         grads = torch.autograd.grad(losses['total'], list(d.parameters()), allow_unused=True)
         results.append([losses['total'], *[g for g in grads if g is not None], *[a.feedback for a in d.afp.values()]])
@@ -457,8 +458,8 @@ def test_fbt_hcd_step_trains_every_new_module_not_the_teacher(method, teacher, s
         assert (d.l2g[0].in_channels, d.l2g[0].out_channels) == (a.shapes(32)[1][2][0], b.shapes(32)[0][3][0])
         # L(t, f) reaches the student's stage 4 when it is side b, its stage 1 when it is side a
         reached = [any(g is not None and g.abs().sum() > 0 for g in torch.autograd.grad(
-            losses['teacher_fused'], [p for m in d.student._stages[i] for p in m.parameters()], retain_graph=True,
-            allow_unused=True))
+            losses['teacher_fused'], list(d.student.net.get_submodule(d.student._bounds[i + 1]).parameters()),
+            retain_graph=True, allow_unused=True))
             for i in (0, 3)]
         assert reached == [not teacher_first, teacher_first]
     losses['total'].backward()
