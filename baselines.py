@@ -50,7 +50,7 @@ class FBT(Distiller):
 
     def __init__(self, student, teacher, img_size, eps=1.0, dim=128, **kw):
         super().__init__(student, teacher, **kw)
-        # nchw: ResNet, ConvNeXt, MobileNet
+        # nchw: CNN-like (ResNet, ConvNeXt, MobileNet...)
         self.t_first, self.eps = teacher.layout == 'nchw' != student.layout, eps
         # stages 1-3 from a, stage 4 + head from b
         a, b = (teacher, student) if self.t_first else (student, teacher)
@@ -65,8 +65,6 @@ class FBT(Distiller):
                                  SwinTransformerBlock(c, (h, w), max(c // 32, 1),
                                                       window_size=window),
                                  Permute([0, 3, 1, 2]))
-        # a ViT b's class token
-        self.prefix = nn.Parameter(torch.zeros(1, b.prefix, c)) if b.prefix else None
         # s, f, t (CRD)
         self.emb = nn.ModuleList(nn.Linear(shape[m][1][3][0], dim) for m in (student, b, teacher))
         # 1 / tau per pair, learnable (CLIP)
@@ -74,14 +72,12 @@ class FBT(Distiller):
 
     def fused(self, images, stage3=None):
         """The fused model: (logits, pooled stage-4 map). stage3: side a's stage-3 output, if
-        already computed."""
+        already computed. b runs whole with its stage-4 input replaced: its stages 1-3 run for
+        nothing (forward only), a ViT's class token is b's own, as a constant (NOTES.md, FBT)."""
         a, b = (self.teacher, self.student) if self.t_first else (self.student, self.teacher)
         x = self.l2g(a(images)[1][2] if stage3 is None else stage3)
-        prefix = x.new_zeros(len(x), 0, x.shape[1])
-        if self.prefix is not None:
-            prefix = self.prefix.expand(len(x), -1, -1)
-        x = b._stages[3](b.from_map(x, prefix))  # b's own stage 4, final norm and head
-        return b.net.forward_head(b._final(x)), b.to_map(x).mean((2, 3))
+        logits, feats = b(images, {3: lambda _: x})
+        return logits, feats[3].mean((2, 3))
 
     def extra_evals(self):
         return {'fused': self.fused}

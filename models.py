@@ -1,20 +1,17 @@
-"""Any timm classifier seen as stem -> 4 stages -> head, with stage outputs as (B, C, H, W) maps.
+"""Any timm classifier seen as stem -> 4 stages -> head, with stage outputs as (B, C, H, W) maps,
+ending at its own feature levels (timm's feature_info; NOTES.md, Stage taps). The timm model
+runs its own forward, hooked, and is kept whole under `.net`: a plain timm state_dict.
 
     net = models.create('deit_t', num_classes=100)  # a Staged model; net.net: the timm model
     logits, feats = net(images)                     # images in [0, 1]; feats: 4 maps
     logits, feats = net(images, prompts={0: fn})    # fn(map) -> map on the INPUT of stage 1
-    net = models.create('convnext_t', 100, weights='teacher.pth.tar:ema')  # load_weights
-
-Each family is one row of FAMILIES. Stage taps follow the official code (NOTES.md, Stage taps):
-isotropic models split their blocks 2-2-6-2 (outputs of blocks 2, 4, 10, 12), Swin, ResNet and
-ConvNeXt tap each stage, MobileNetV2 ends stage 4 with the 1280-channel head conv. The timm
-model is kept whole under `.net`: its state_dict is a plain timm one.
 """
 import argparse
 import math
 import pickle
 import sys
 from contextlib import suppress
+from functools import partial
 
 import huggingface_hub
 import safetensors.torch
@@ -22,40 +19,9 @@ from safetensors import SafetensorError
 import timm
 import torch
 import torch.nn as nn
-from timm.models import ConvNeXt, EfficientNet, MlpMixer, ResNet, SwinTransformer
-from timm.models import VisionTransformer
-from timm.models.mlp_mixer import Affine, ResBlock
+from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
+from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-
-
-def _isotropic(blocks):
-    # 2-2-6-2 of 12 blocks, scaled to any depth with at least one block per stage
-    ends, n = [], len(blocks)
-    for f in (2 / 12, 4 / 12, 10 / 12, 1.0):
-        ends.append(min(n - (3 - len(ends)), max(round(n * f), (ends[-1] if ends else 0) + 1)))
-    return [blocks[a:b] for a, b in zip([0] + ends[:3], ends)]
-
-
-def _mobilenet(m):
-    # MobileNetV2 block depths 1,2,3,4,3,3,1: taps after flat blocks 2, 5, 12 and conv_head + bn2
-    last = nn.Sequential(*m.blocks[5:], m.conv_head, m.bn2)
-    return [m.blocks[0:2], m.blocks[2:3], m.blocks[3:5], last]
-
-
-def _vit_stem(m, x):
-    return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-
-
-# family: (timm class, stem(m, x), stages(m) -> 4 modules, final norm before the head, layout)
-FAMILIES = {
-    'resnet': (ResNet, lambda m, x: m.maxpool(m.act1(m.bn1(m.conv1(x)))),
-               lambda m: [m.layer1, m.layer2, m.layer3, m.layer4], None, 'nchw'),
-    'convnext': (ConvNeXt, lambda m, x: m.stem(x), lambda m: m.stages, 'norm_pre', 'nchw'),
-    'mobilenet': (EfficientNet, lambda m, x: m.bn1(m.conv_stem(x)), _mobilenet, None, 'nchw'),
-    'vit': (VisionTransformer, _vit_stem, lambda m: _isotropic(m.blocks), 'norm', 'nlc'),
-    'swin': (SwinTransformer, lambda m, x: m.patch_embed(x), lambda m: m.layers, 'norm', 'nhwc'),
-    'mixer': (MlpMixer, lambda m, x: m.stem(x), lambda m: _isotropic(m.blocks), 'norm', 'nlc'),
-}
 
 _SWIN_T = 'swin_tiny_patch4_window7_224'
 _SWIN_SMALL = dict(depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
@@ -79,71 +45,112 @@ MODELS = {
     'resmlp_mini': (MlpMixer, dict(img_size=32, patch_size=4, num_blocks=6, embed_dim=96,
                                    mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine)),
 }
-INPUT_SIZE = {name: 32 if name.endswith('_mini') else 224 for name in MODELS}
-
-
-def input_size(name):
-    return INPUT_SIZE.get(name, 224)
+def _isotropic(n):
+    """Indices of the 4 tapped levels of n at one stride: 2-2-6-2 of 12, scaled to any depth."""
+    ends = []
+    for f in (2 / 12, 4 / 12, 10 / 12, 1.0):
+        ends.append(min(n - (3 - len(ends)), max(round(n * f), (ends[-1] if ends else 0) + 1)))
+    return [end - 1 for end in ends]
 
 
 class Staged(nn.Module):
-    """A timm classifier as stem, 4 stages and head. Takes [0, 1] images and normalises them
-    with its own mean/std."""
+    """A timm classifier as stem, 4 stages and head: its own forward, hooked at positions k = 0-4
+    (stage 1's input, stage k's output). Takes [0, 1] images, normalised with its mean/std."""
 
-    def __init__(self, net, mean, std):
+    def __init__(self, net, mean, std, img_size):
         super().__init__()
-        self.net = net
-        row = next(row for row in FAMILIES.values() if isinstance(net, row[0]))
-        _, self._stem, stages, final, self.layout = row
-        self._stages = tuple(stages(net))  # views into self.net; a tuple: not in the state_dict
-        self._final = getattr(net, final) if final else nn.Identity()
-        self.prefix = getattr(net, 'num_prefix_tokens', 0)  # ViT class tokens: timm puts them FIRST
+        self.net, levels, modules = net, net.feature_info, dict(net.named_modules())
+        isotropic = len({level['reduction'] for level in levels}) == 1
+        taps = [levels[i] for i in (_isotropic(len(levels)) if isotropic else range(-4, 0))]
+        self._reduction = [tap['reduction'] for tap in taps[:1] + taps]
+        names = [tap['module'] for tap in taps]
+        if not set(names) <= modules.keys() or len(set(names)) < 4:
+            raise ValueError(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
+        # stage 1 starts at the first module of the container that holds the first tap, or at the
+        # tap itself (ResNet: after the maxpool); stage k + 1 takes stage k's output
+        start, parent = names[0], names[0].rpartition('.')[0]
+        if parent:
+            start = f'{parent}.{next(modules[parent].named_children())[0]}'
+        self._bounds = [start] + names
+        modules[start].register_forward_pre_hook(partial(self._hook, 0))
+        for k, name in enumerate(self._bounds[1:], 1):
+            modules[name].register_forward_hook(partial(self._hook, k))
+        for parent in {name.rpartition('.')[0] for name in self._bounds}:  # recompute's units:
+            for name, child in modules[parent].named_children():  # those with no hook inside
+                if not any(b.startswith(f'{parent}.{name}.'.lstrip('.')) for b in self._bounds):
+                    child.forward = partial(self._run, child.forward)
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._seen, self._format = None, {}
+        self.shapes(img_size)  # the first forward fixes each position's format
+        self.layout = self._format[4][0]  # 'nchw': CNN-like
 
-    def to_map(self, x):
-        """Native stage tensor -> (B, C, H, W)."""
-        if self.layout == 'nhwc':
-            return x.permute(0, 3, 1, 2)
-        if self.layout == 'nlc':
-            side = math.isqrt(x.shape[1] - self.prefix)
-            return x[:, self.prefix:].transpose(1, 2).unflatten(2, (side, side))
-        return x
+    def _hook(self, k, module, args, *output):
+        """At position k (a forward pre-hook at 0): keep the tensor, prompt it if asked. Class and
+        register tokens pass a prompt as constants (FBT's new stage-4 input drops stages 1-3)."""
+        if self._seen is None:  # .net running alone
+            return None
+        x = self._seen[k] = output[0] if output else args[0]
+        if k not in self._format:  # (layout, class and register tokens), seen at a square input
+            grid = math.prod(-(-side // self._reduction[k]) for side in self._hw)
+            nhwc = x.ndim == 4 and x.shape[1] == x.shape[2] != x.shape[3]  # the square reading
+            self._format[k] = ('nlc', x.shape[1] - grid) if x.ndim == 3 else \
+                ('nhwc' if nhwc else 'nchw', 0)
+        if k in self._prompts:
+            layout, prefix = self._format[k]
+            m = self._prompts[k](self.to_map(x, k))
+            m = m if layout == 'nchw' else m.permute(0, 2, 3, 1)
+            x = torch.cat([x[:, :prefix].detach(), m.flatten(1, 2)], 1) if layout == 'nlc' else m
+        return x if output else (x, *args[1:])
 
-    def from_map(self, m, like):
-        """Inverse of to_map; `like` supplies the prefix tokens, which prompts leave untouched."""
-        if self.layout == 'nhwc':
-            return m.permute(0, 2, 3, 1)
-        if self.layout == 'nlc':
-            return torch.cat([like[:, :self.prefix], m.flatten(2).transpose(1, 2)], 1)
-        return m
+    def _run(self, forward, *args, **kwargs):
+        """A child of a container of taps, in the stage of the last position seen: checkpointed
+        (only its forward: the hooks around it run once) if that stage is to be recomputed."""
+        if self._seen is not None and len(self._seen) - 1 in self._recompute:
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    def to_map(self, x, k):
+        """The tensor at position k -> (B, C, H, W), without class or register tokens."""
+        layout, prefix = self._format[k]
+        if layout == 'nlc':  # to (B, H, W, C)
+            height = round(math.sqrt((x.shape[1] - prefix) * self._hw[0] / self._hw[1]))
+            x = x[:, prefix:].unflatten(1, (height, -1))
+        return x if layout == 'nchw' else x.permute(0, 3, 1, 2)
 
     def forward(self, images, prompts=None, recompute=()):
         """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} applied to
-        that stage's input. recompute: stage indices 0-3 whose backward keeps only the stage input
-        and runs the stage again (less memory, more time)."""
-        x, feats = self._stem(self.net, (images - self.mean) / self.std), []
-        for i, stage in enumerate(self._stages):
-            if prompts and i in prompts:
-                x = self.from_map(prompts[i](self.to_map(x)), x)
-            if i in recompute and torch.is_grad_enabled():
-                x = checkpoint(stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            feats.append(self.to_map(x))
-        return self.net.forward_head(self._final(x)), feats
+        that stage's input. recompute: stage indices 0-3 whose modules keep only their inputs for
+        backward and run again (less memory, more time)."""
+        self._seen, self._prompts, self._hw = {}, prompts or {}, images.shape[-2:]
+        self._recompute = set(recompute) if torch.is_grad_enabled() else set()
+        try:
+            features = self.net.forward_features((images - self.mean) / self.std)
+        finally:
+            seen, self._seen, self._prompts = self._seen, None, None  # the prompts may hold graphs
+        feats = [self.to_map(seen[k], k) for k in range(1, 5)]
+        # a head conv after the last level (MobileNetV2's 1280 channels) ends stage 4
+        if features.ndim == 4 and features.shape[1] != feats[3].shape[1] and \
+                features.shape[2:] == feats[3].shape[2:]:
+            feats[3] = features
+        return self.net.forward_head(features), feats
 
     @torch.no_grad()
     def shapes(self, img_size):
-        """(input shapes, output shapes) of the 4 stages as (C, H, W), from one probe forward.
-        A stage's input is the stem's output or the stage before's."""
+        """(input shapes, output shapes) of the 4 stages as (C, H, W), from a forward on the meta
+        device (no compute, wherever the model is). Stage k + 1's input is stage k's output."""
+        state = {name: torch.empty_like(t, device='meta')
+                 for name, t in [*self.named_parameters(), *self.named_buffers()]}
+        images, first = torch.zeros(2, 3, img_size, img_size, device='meta'), []
+
+        def keep(m):
+            first.append(tuple(m.shape[1:]))
+            return m
         was_training = self.training
-        self.eval()
-        x = torch.zeros(2, 3, img_size, img_size, device=self.mean.device)
-        stem = self.to_map(self._stem(self.net, x))
-        outs = [tuple(f.shape[1:]) for f in self(x)[1]]
+        feats = functional_call(self.eval(), state, (images, {0: keep}))[1]
         self.train(was_training)
-        return [tuple(stem.shape[1:])] + outs[:3], outs
+        outs = [tuple(f.shape[1:]) for f in feats]
+        return first + outs[:3], outs
 
 
 def read_checkpoint(path, flag):
@@ -198,6 +205,31 @@ def load_weights(path, net, what):
     net.load_state_dict(ck)
 
 
+def input_size(name):
+    """A model's input size by default: its img_size in MODELS, 32 for the *_mini models, else
+    its timm pretrained config's (224; 160 for timm's test_* models), else 224."""
+    timm_name, kwargs = MODELS.get(name, (name, {}))
+    cfg = timm.models.get_pretrained_cfg(timm_name) if isinstance(timm_name, str) else None
+    default = 32 if name.endswith('_mini') else cfg.input_size[-1] if cfg else 224
+    return kwargs.get('img_size', default)
+
+
+def probe(name, img_size, role='model'):
+    """The Staged model `name` built on the meta device and run at img_size (shapes only), or one
+    sentence why not: an unknown name, no 4 stages to tap, or an input size it cannot take."""
+    try:
+        with torch.device('meta'):
+            net = create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        reason = str(e).splitlines()[0].rstrip('.')
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
+                         f'takes {input_size(name)}.')
+    return net
+
+
 def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     """A Staged model from a short name (MODELS) or a timm name; mean/std default to its timm
     config's. weights: None (random), True (timm's ImageNet weights, a new head), 'timm' (timm's
@@ -206,6 +238,9 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
         raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not "
                          f'{num_classes} classes: pass a fine-tuned checkpoint file instead.')
     timm_name, defaults = MODELS.get(name, (name, {}))
+    if isinstance(timm_name, str) and not timm.is_model(timm_name):
+        raise ValueError(f"unknown model '{name}': neither one of {', '.join(MODELS)} nor a timm "
+                         'classifier (timm.list_models()).')
     kwargs = {**defaults, 'num_classes': num_classes, **kwargs}
     pretrained = weights in (True, 'timm')
     if not isinstance(timm_name, str):  # a class built directly (small MLPs)
@@ -213,9 +248,6 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
             raise ValueError(f'{name} has no timm pretrained weights: it is built from a timm '
                              'class, not a timm name.')
         net = timm_name(**kwargs)
-    elif not timm.is_model(timm_name):
-        raise ValueError(f"unknown model '{name}'; known: {', '.join(MODELS)} (or a timm name of a "
-                         "ResNet, ConvNeXt, MobileNet, ViT, Swin or Mixer).")
     else:
         try:
             net = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
@@ -230,11 +262,20 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
         except RuntimeError as e:  # no timm weights for this name, or not of its shape (*_mini)
             reason = str(e).splitlines()[0].rstrip('.: ')
             raise SystemExit(f'timm has no ImageNet weights that fit {name}: {reason}.')
-    if not any(isinstance(net, row[0]) for row in FAMILIES.values()):
-        raise ValueError(f"model '{name}' ({type(net).__name__}) is none of the families "
-                         f"{', '.join(FAMILIES)}.")
+    levels = len(getattr(net, 'feature_info', None) or ())
+    if levels < 4:
+        raise ValueError(f"model '{name}' ({type(net).__name__}) has {levels} feature levels in "
+                         "timm's feature_info, and FOFA taps 4 stages.")
+    if hasattr(net, 'unroll'):
+        raise ValueError(f"model '{name}' ({type(net).__name__}) keeps its tokens in mask-unit "
+                         'order, not as a map.')
     if isinstance(weights, str) and weights != 'timm':
         load_weights(weights, net, f'{name} ({num_classes} classes)')
     cfg = getattr(net, 'pretrained_cfg', None) or {}
-    return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
-                  std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD))
+    try:
+        return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
+                      std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD),
+                      kwargs.get('img_size', input_size(name)))
+    except (AttributeError, AssertionError, RuntimeError, TypeError) as e:  # lists, tuples...
+        raise ValueError(f"model '{name}' ({type(net).__name__}) has no single map or token "
+                         f'tensor at its feature levels ({type(e).__name__} in a first forward).')

@@ -163,8 +163,9 @@ def resolve(args):
         check_path('--data-dir', args.data_dir, 'dataset directory')
     args.img_size = args.img_size or models.input_size(args.student)
     if args.method != 'ce':
-        family_recipe(args.teacher, args.img_size, 'teacher')
-    args.recipe = args.recipe or family_recipe(args.student, args.img_size)
+        models.probe(args.teacher, args.img_size, 'teacher')
+    student = models.probe(args.student, args.img_size, 'student')
+    args.recipe = args.recipe or ('cnn' if student.layout == 'nchw' else 'vit')  # SGD for CNNs
     recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
     for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
         if getattr(args, k) is None:
@@ -191,21 +192,6 @@ def same_run(args, last):
     if diff:
         raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
                          '--overwrite.')
-
-
-def family_recipe(name, img_size, role='student'):
-    """'cnn' or 'vit' by the model's stages, after a forward at img_size on the meta device."""
-    try:
-        with torch.device('meta'):
-            net = models.create(name, 1)
-            net.shapes(img_size)
-    except ValueError as e:  # an unknown model, or one models.py cannot stage
-        raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        reason = str(e).splitlines()[0].rstrip('.')
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
-                         f'takes {models.input_size(name)}.')
-    return 'cnn' if net.layout == 'nchw' else 'vit'  # ResNet, ConvNeXt, EfficientNet...
 
 
 # The loop
