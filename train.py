@@ -56,23 +56,21 @@ def parser():
                'SIGUSR1 stop a run within --log-every steps: it writes last.pt and exits with code '
                f'{STOPPED} (EX_TEMPFAIL); torchrun restarts resume by themselves.')
     g = p.add_argument_group('models and data').add_argument
-    g('--teacher', help='teacher model: a models.MODELS name or a timm name (every method but ce)')
-    g('--student', required=True, help='student model: a models.MODELS name or a timm name')
-    g('--teacher-ckpt', metavar='PATH', help="a timm, official or .safetensors state_dict, a "
-      "best.pt, a timm CheckpointSaver file (PATH:ema: its EMA), 'timm' (ImageNet weights) or "
-      "'random' (default: trained here with --method ce first, cached in --teacher-dir)")
+    g('--teacher', help='a models.MODELS name or a timm name (every method but ce)')
+    g('--student', required=True, help='a models.MODELS name or a timm name')
+    g('--teacher-ckpt', metavar='PATH', help="a state_dict (timm, official, .safetensors), a "
+      "best.pt, PATH:ema (timm CheckpointSaver's EMA), 'timm' or 'random' (default: trained here)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
     g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline; '
       'folder (or imagenet): --data-dir/{train,val}/<class>/ images')
     g('--data-dir', default='data', help='dataset root (cifar100: downloaded there if missing)')
-    g('--img-size', type=COUNT, help="input size in pixels (default: the student's, 224 or 32)")
+    g('--img-size', type=COUNT, help="input size in pixels (default: the student's)")
     g('--train-fraction', type=checked(float, 'in (0, 1]', lambda v: 0 < v <= 1), default=1.0,
       help='digits: train on a fixed stratified share of the train split')
     g = p.add_argument_group('method (NOTES.md, Losses)').add_argument
-    g('--method', default='fofa', choices=METHODS, help='fitnet: FOFA without RAA and AFP; ce: '
-      'the student alone, from labels')
+    g('--method', default='fofa', choices=METHODS, help='fitnet: FOFA without RAA and AFP')
     g('--alpha', type=NONNEG, default=1.0, help="weight of KD (Eq. 8) and the baselines' terms")
     g('--kd-t', type=POSITIVE, default=1.0, help='KD temperature')
     g = p.add_argument_group('FOFA').add_argument
@@ -86,31 +84,26 @@ def parser():
     g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='teacher stages with a prompt')
     g('--no-feedback', action='store_true', help='prompts without student feedback')
     g('--afp-fusion', default='dw', choices=('dw', 'full'), help="feedback fusion's 5x5 conv")
-    g('--recompute-stages', type=STAGES_OR_NONE, default='none', help='teacher stages whose '
-      'prompted pass runs again in backward instead of keeping activations (memory)')
+    g('--recompute-stages', type=STAGES_OR_NONE, default='none',
+      help='prompted teacher stages run again in backward (memory)')
     g = p.add_argument_group('baselines').add_argument
-    g('--dkd', type=NONNEG, nargs=3, default=[1.0, 8.0, 4.0], metavar=('ALPHA', 'BETA', 'T'),
-      help="DKD's weights and temperature (its CIFAR setting)")
-    g('--dkd-warmup', type=SHARE, default=20 / 240, help="DKD: share of the run its weight "
-      "rises over from 0 (default: its authors' 20 / 240)")
-    g('--dist', type=NONNEG, nargs=3, default=[1.0, 1.0, 1.0], metavar=('BETA', 'GAMMA', 'TAU'),
-      help="DIST's weights and temperature")
+    g('--dkd', type=NONNEG, nargs=3, default=[1.0, 8.0, 4.0], metavar=('ALPHA', 'BETA', 'T'))
+    g('--dkd-warmup', type=SHARE, default=20 / 240, help="share of the run DKD's weight rises over")
+    g('--dist', type=NONNEG, nargs=3, default=[1.0, 1.0, 1.0], metavar=('BETA', 'GAMMA', 'TAU'))
     g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
-    g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: student stages with a head')
+    g('--ofa-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='OFA: stages with a head')
     g('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
     g('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (stage mean)')
-    g('--hcd-warmup', type=SHARE, default=20 / 240, help='HCD: share of the run that weight '
-      'rises over from 0')
+    g('--hcd-warmup', type=SHARE, default=20 / 240, help='share of the run that weight rises over')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
-    g('--epochs', type=COUNT, default=30, help='epochs of the student')
+    g('--epochs', type=COUNT, default=30)
     g('--max-steps', type=COUNT, help='end each epoch after this many steps (paper.py --dry-run)')
     g('--batch-size', type=COUNT, default=64, help='per process (global: times the processes)')
-    g('--recipe', choices=list(RECIPES), help="optimizer and augmentation preset (default: cnn "
-      "for a student of NCHW stages, else vit)")
-    g('--opt', type=OPTIMIZER, help="optimizer, a timm name (default: the recipe's, sgd or adamw)")
+    g('--recipe', choices=list(RECIPES), help='default: cnn for a student of NCHW stages, else vit')
+    g('--opt', type=OPTIMIZER, help="a timm optimizer (default: the recipe's, sgd or adamw)")
     g('--lr', type=POSITIVE, help="peak learning rate (default: the recipe's, 0.05 or 5e-4)")
     g('--wd', type=NONNEG, help="weight decay (default: the recipe's, 2e-3 or 0.05)")
-    g('--warmup-epochs', type=NONNEG, help="linear warm-up (default: 3 or 20 per 300 epochs)")
+    g('--warmup-epochs', type=NONNEG, help='linear warm-up (default: 3 or 20 per 300 epochs)')
     g('--clip', type=NONNEG, help="gradient-norm clipping, 0: off (default: the recipe's, 0 or 5)")
     g('--ema', type=checked(float, 'in [0, 1)', lambda v: 0 <= v < 1), default=0.0,
       help='EMA decay of the student, e.g. 0.9998 (0: no EMA)')
@@ -124,17 +117,15 @@ def parser():
     g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
     g('--workers', type=NATURAL, default=data.default_workers(), help='loader processes per '
       'process (default: the usable cores / LOCAL_WORLD_SIZE)')
-    g('--log-every', type=COUNT, default=50, help='steps between progress lines, where the ranks '
-      'also agree on a stop (signal) or a save: both take effect within this many steps')
+    g('--log-every', type=COUNT, default=50, help='steps between progress lines, where ranks '
+      'agree on stops and saves')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last)')
-    g('--save-every-minutes', type=NONNEG, default=15.0, help='also write last.pt inside epochs '
-      '(0: at their end only)')
+    g('--save-every-minutes', type=NONNEG, default=15.0, help='also save inside epochs (0: off)')
     return p
 
 
 def get_args(argv=None):
     return parser().parse_args(argv)
-
 
 
 # One place decides the configuration: after resolve(), args is final (and is args.json)
@@ -223,8 +214,7 @@ def train(args, rank=0, world=1, device='cpu'):
     for module in filter(None, (student, teacher) if args.compile else ()):  # not the distiller's
         module.compile()
     # only the trainable module is in DDP (the teacher is not a submodule); feedback stays per rank
-    ids = [torch.device(device)] if device != 'cpu' else None
-    net = DDP(model, device_ids=ids, broadcast_buffers=False) if world > 1 else model
+    net = DDP(model, broadcast_buffers=False) if world > 1 else model
     ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if args.amp else nullcontext()
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
     note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''
@@ -374,8 +364,8 @@ def build(args, num_classes):
                     recompute=stages(args.recompute_stages), beta=args.beta, gamma=args.gamma,
                     **common)
     if args.method == 'ofa':
-        ofa_stages = stages(args.ofa_stages)
-        return OFA(student, teacher, args.img_size, num_classes, ofa_stages, args.ofa_eps, **common)
+        return OFA(student, teacher, args.img_size, num_classes, stages(args.ofa_stages),
+                   args.ofa_eps, **common)
     if args.method == 'fbt':
         return FBT(student, teacher, args.img_size, args.ofa_eps, **common)
     if args.method == 'hcd':
@@ -515,8 +505,6 @@ NATURAL = checked(int, 'an integer >= 0', lambda v: v >= 0)
 POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
 NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
 SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
-STAGES = checked(str, 'a comma list of stages 1-4 (e.g. 1,2,3,4)',
-                 lambda t: len(stages(t)) > 0 and set(stages(t)) <= {1, 2, 3, 4})
 STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
                          lambda t: set(stages(t)) <= {1, 2, 3, 4})
 OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
