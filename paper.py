@@ -276,7 +276,7 @@ def dry_run(args, root):
     jobs = []
     for i, cell in enumerate(cells(args)):
         label = f'{cell.dataset} {cell.pair}/{cell.config} (global batch {cell.batch})'
-        steps = ['--epochs', '1', '--max-steps', '2', '--batch-size', '2', '--seed', '0']
+        steps = ['--epochs', '1', '--batch-size', '2', '--seed', '0']  # 4 fake images: 2 steps
         out = ['--out', os.path.join(root, f'run{i}'), '--overwrite']
         # --workers 0: a pool's processes may not start loader processes
         jobs.append((label, cell.flags + steps + ['--workers', '0'] + out))

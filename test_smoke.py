@@ -1898,7 +1898,8 @@ def test_paper_dry_run_builds_and_steps_every_pair_and_method(tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path / 'tmp') if not p.startswith('pymp-')]  # fake data and runs gone
     # a cell's line: ok with its input size and loss, or train.py's sentence; its run directory is removed
     tiny = ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-ckpt', 'random', '--dim', '32',
-            '--epochs', '1', '--max-steps', '2', '--batch-size', '2', '--workers', '0', '--out', str(tmp_path / 'c')]
+            '--epochs', '1', '--train-fraction', '0.01', '--batch-size', '2', '--workers', '0', '--out',
+            str(tmp_path / 'c')]
     assert paper.dry_run_cell('mini', tiny) and not (tmp_path / 'c').exists()
     assert not paper.dry_run_cell('bad', tiny + ['--nq', '50'])
     lines = capsys.readouterr().out.splitlines()

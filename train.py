@@ -97,7 +97,6 @@ def parser():
     g('--hcd-warmup', type=SHARE, default=20 / 240, help='share of the run that weight rises over')
     g = p.add_argument_group('optimisation (NOTES.md, Recipes)').add_argument
     g('--epochs', type=COUNT, default=30)
-    g('--max-steps', type=COUNT, help='end each epoch after this many steps (paper.py --dry-run)')
     g('--batch-size', type=COUNT, default=64, help='per process (global: times the processes)')
     g('--recipe', choices=list(RECIPES), help='default: cnn for a student of NCHW stages, else vit')
     g('--opt', type=OPTIMIZER, help="a timm optimizer (default: the recipe's, sgd or adamw)")
@@ -146,8 +145,16 @@ def resolve(args):
     if os.path.isfile(last) and not (args.resume or args.overwrite):
         raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
                          '--overwrite to start over.')
-    if args.resume:
-        same_run(args, check_path('--resume: the checkpoint', last, 'file'))
+    if args.resume:  # unset flags take the run's values; the others must match, but RESUMABLE
+        run = models.read_checkpoint(check_path('--resume: the checkpoint', last, 'file'),
+                                     '--resume:').get('args') or {}
+        vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
+        flags = vars(get_args(['--student', '']))  # this version's (a run may hold removed ones)
+        diff = [f"--{k.replace('_', '-')} {shlex.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in run.items() if k in flags and k not in RESUMABLE and v != vars(args)[k]]
+        if diff:
+            raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same "
+                             'or --overwrite.')
     if args.teacher_ckpt not in (None, 'timm', 'random'):  # PATH or PATH:ema
         check_path('--teacher-ckpt', args.teacher_ckpt.removesuffix(':ema'), 'checkpoint file')
     if os.path.exists(args.data_dir):
@@ -172,26 +179,14 @@ def resolve(args):
     return args
 
 
-def same_run(args, last):
-    """--resume: unset (None) flags take the run's values; the others must match the run's, but
-    for the RESUMABLE ones."""
-    run = models.read_checkpoint(last, '--resume:').get('args') or {}
-    vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-    flags = vars(get_args(['--student', '']))  # this version's (a run may hold removed ones)
-    diff = [f"--{k.replace('_', '-')} {shlex.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in run.items() if k in flags and k not in RESUMABLE and v != vars(args)[k]]
-    if diff:
-        raise SystemExit(f"--resume: {args.out} was run with {', '.join(diff)}: pass the same or "
-                         '--overwrite.')
-
-
 # The loop
 def train(args, rank=0, world=1, device='cpu'):
     """Trains as the resolved args say. Returns None when done, or where a signal stopped it
     (last.pt written)."""
+    cuda = device != 'cpu'
     train_loader, val_loader, mixup = data.build_loaders(
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
-        world > 1, rank, world, args.seed, args.train_fraction, pin_memory=device != 'cpu')
+        world > 1, rank, world, args.seed, args.train_fraction, pin_memory=cuda)
     steps = len(train_loader)
     torch.manual_seed(args.seed)
     try:
@@ -234,7 +229,7 @@ def train(args, rank=0, world=1, device='cpu'):
         streak = worst = zero  # non-finite steps in a row: now, the most in this epoch
         model.train()
         t0 = time.time()
-        if device != 'cpu':
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         for i, (x, y) in enumerate(train_loader, first):
             step = epoch * steps + i
@@ -266,7 +261,7 @@ def train(args, rank=0, world=1, device='cpu'):
             worst = torch.maximum(worst, streak)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + torch.where(bad, 0, v.detach().float())
-            last = i + 1 == steps or i + 1 == args.max_steps  # max_steps: a dry run's epoch ends
+            last = i + 1 == steps
             if (i + 1) % args.log_every and not last:
                 continue
             # a progress line: the host reads the device here only
@@ -291,8 +286,6 @@ def train(args, rank=0, world=1, device='cpu'):
                 save_state(args, model, opt, ema, rank, world, position)
                 if stop:
                     return f'epoch {epoch + 1} step {i + 1}/{steps}'
-            if last:
-                break
         train_s, extra = time.time() - t0, {}
         top1 = top5 = ema_top1 = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -310,7 +303,9 @@ def train(args, rank=0, world=1, device='cpu'):
                    'img_per_s': round((i + 1 - first) * args.batch_size * world / train_s, 1),
                    'data_wait': round(train_loader.wait / train_s, 4),
                    'unreadable_images': train_loader.unreadable,  # replaced (NOTES.md, Data)
-                   'peak_mem_gb': peak_memory_gb(device)}
+                   'peak_mem_gb': round(torch.cuda.max_memory_allocated() / 2**30 if cuda else
+                                        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                                        3)}  # since the epoch began (CUDA), of the process (CPU)
             best = save_epoch(args, rec, model, ema, best)
         save_state(args, model, opt, ema, rank, world, dict(epoch=epoch + 1, best=best, top1=top1))
         epoch_s = time.time() - t0  # training, tests and saving
@@ -338,12 +333,6 @@ def time_left(args, t0, epoch, done, to_go, world, epoch_s):
 
 def hms(seconds):
     return str(datetime.timedelta(seconds=round(seconds)))
-
-
-def peak_memory_gb(device):  # since the last reset (CUDA), or of the process (ru_maxrss: KiB)
-    if device != 'cpu':
-        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
 
 
 # What the loop is built from
