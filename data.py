@@ -21,12 +21,12 @@ NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 'image
         'digits': ((0.3056,) * 3, (0.3237,) * 3), 'folder': None}
 
 
-def _posterize(img, bits_to_keep, _timm_posterize=auto_augment.posterize, **kwargs):
+def _posterize(img, bits_to_keep, **kwargs):
     # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12
     # raises, older Pillow returned a black image, which is what the recipe was trained with.
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_OP.items()
