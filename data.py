@@ -1,6 +1,5 @@
-"""Datasets and loaders: CIFAR-100, image class folders (ImageNet's layout) and sklearn digits.
-Loaders yield int64 labels and images in [0, 1], NOT normalised: each model normalises its own
-input (teacher and student may use different stats)."""
+"""Datasets and loaders (CIFAR-100, image class folders, sklearn digits): int64 labels and images
+in [0, 1], NOT normalised: each model normalises its own (teacher and student may differ)."""
 import os
 import random
 import sys
@@ -8,29 +7,26 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
+from torchvision.datasets import CIFAR100, ImageFolder
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment
 from timm.data import create_transform
 
-# folder: any train/<class>/ and val/<class>/ folders of images; imagenet is the same loader
-DATASETS = ('cifar100', 'imagenet', 'folder', 'digits')
-NUM_CLASSES = {'cifar100': 100, 'digits': 10}  # folders: their class folders
-# per-channel stats the models normalise with; folders: None = each model's own timm config.
-# digits: train split of the fixed split below, scaled to [0,1] and upsampled to 32x32.
+DATASETS = ('cifar100', 'imagenet', 'folder', 'digits')  # imagenet: a folder of ImageNet's layout
+NUM_CLASSES = {'cifar100': 100, 'digits': 10}  # folders: their train/<class>/ folders
+# the stats the models normalise with (digits: its train split at 32x32); None: each model's own
 NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 'imagenet': None,
-        'digits': ((0.3056, 0.3056, 0.3056), (0.3237, 0.3237, 0.3237)), 'folder': None}
+        'digits': ((0.3056,) * 3, (0.3237,) * 3), 'folder': None}
 
 
-def _posterize(img, bits_to_keep, _timm_posterize=auto_augment.posterize, **kwargs):
+def _posterize(img, bits_to_keep, **kwargs):
     # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12
     # raises, older Pillow returned a black image, which is what the recipe was trained with.
     if bits_to_keep < 1:
         return Image.new(img.mode, img.size)
-    return _timm_posterize(img, bits_to_keep, **kwargs)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_OP.items()
@@ -38,9 +34,7 @@ auto_augment.NAME_TO_OP.update({k: _posterize for k, f in auto_augment.NAME_TO_O
 
 
 def num_classes(dataset, data_dir=None):
-    if dataset in NUM_CLASSES:
-        return NUM_CLASSES[dataset]
-    return _imagefolder(data_dir, 'train')[1]
+    return NUM_CLASSES.get(dataset) or _imagefolder(data_dir, 'train')[1]
 
 
 def _imagefolder(data_dir, split):  # the split's path and its number of classes
@@ -59,36 +53,33 @@ def _transform(dataset, img_size, recipe, train):
                           auto_augment='rand-m9-mstd0.5-inc1' if vit else None, re_mode='pixel',
                           re_prob=0.25 if vit else 0., crop_pct=0.875, mean=mean, std=std)
     normalize = torchvision.transforms.Normalize
-    if not vit:  # the models normalise their own input: timm's Normalize is dropped
+    if vit:  # RandAugment's fill and RandomErasing's noise live in normalised space: undone last
+        tf.transforms.append(normalize([-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
+    else:  # the models normalise their own input: timm's Normalize is dropped
         tf.transforms = [t for t in tf.transforms if not isinstance(t, normalize)]
-        return tf
-    # RandAugment's fill colour and RandomErasing's noise are defined in normalised space, so the
-    # vit pipeline keeps timm's Normalize and undoes it at the end.
-    tf.transforms.append(normalize([-m / s for m, s in zip(mean, std)], [1 / s for s in std]))
     return tf
 
 
 def _image_datasets(dataset, data_dir, img_size, recipe):
     tf_train, tf_val = (_transform(dataset, img_size, recipe, t) for t in (True, False))
-    if dataset != 'cifar100':
-        paths = [_imagefolder(data_dir, split)[0] for split in ('train', 'val')]
-        train, val = Folder(paths[0], tf_train), Folder(paths[1], tf_val)
+    if dataset == 'cifar100':
+        data_dir = data_dir or '.'
+        try:  # download=True only fetches when the files are missing or corrupt
+            train = CIFAR100(data_dir, True, tf_train, download=True)
+            val = CIFAR100(data_dir, False, tf_val, download=True)
+        except (OSError, RuntimeError) as e:
+            folder = os.path.join(data_dir, CIFAR100.base_folder)
+            raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
+                             f"and extract {CIFAR100.url} into {data_dir} (--data-dir).")
+    else:
+        train_dir, val_dir = (_imagefolder(data_dir, split)[0] for split in ('train', 'val'))
+        train, val = Folder(train_dir, tf_train), Folder(val_dir, tf_val)
         if train.classes != val.classes:
-            raise SystemExit(f"{paths[0]} and {paths[1]} must contain the same class folders.")
-        return SeededSamples(train), val
-    data_dir = data_dir or '.'
-    try:  # download=True only fetches when the files are missing or corrupt
-        train, val = (torchvision.datasets.CIFAR100(data_dir, train=t, download=True, transform=tf)
-                      for t, tf in ((True, tf_train), (False, tf_val)))
-    except (OSError, RuntimeError) as e:
-        folder = os.path.join(data_dir, 'cifar-100-python')
-        raise SystemExit(f"CIFAR-100 not found in {folder} and download failed ({e}): download "
-                         "and extract https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz "
-                         f"into {data_dir} (--data-dir).")
+            raise SystemExit(f"{train_dir} and {val_dir} must contain the same class folders.")
     return SeededSamples(train), val
 
 
-class Folder(torchvision.datasets.ImageFolder):
+class Folder(ImageFolder):
     """An ImageFolder that replaces an image it cannot read by the next readable one of its split,
     the same on every rank and worker and after a resume, and names it once (NOTES.md, Data)."""
     def __init__(self, root, transform):
@@ -101,22 +92,17 @@ class Folder(torchvision.datasets.ImageFolder):
                              "folder or remove the class from train/ and val/.")
         # per image, found unreadable by this process or one of its loader workers
         self.unreadable = torch.zeros(len(self), dtype=torch.bool).share_memory_()
-        self.load(0)  # a split without a readable image stops here, not in a loader worker
+        self[0]  # a split without a readable image stops here, not in a loader worker
 
-    def __getitem__(self, index):
-        image, target = self.load(index)
-        return self.transform(image), target
-
-    def load(self, index):  # the image at index or the next readable one, and its label
+    def __getitem__(self, index):  # the image at index or the next readable one, and its label
         for k in (i % len(self) for i in range(index, index + len(self))):
             path, target = self.samples[k]
             try:
-                return self.loader(path), target
+                return self.transform(self.loader(path)), target
             except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, huge
                 if not self.unreadable[k]:
                     print(f"warning: {path} cannot be read ({type(e).__name__}) and is replaced by "
-                          "the next image of its split: remove or fix it.", file=sys.stderr,
-                          flush=True)
+                          "the next image of its split: remove or fix it.", file=sys.stderr)
                 self.unreadable[k] = True
         raise SystemExit(f"No image in {self.root} can be read: check its files.")
 
@@ -125,9 +111,8 @@ def _digits_datasets(img_size, train_fraction):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
     d = load_digits()
-    # upsample once at build time; the whole set then lives in memory as tensors
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
-    x = F.interpolate(x, size=img_size, mode='bilinear', align_corners=False).clamp(0, 1)
+    x = torch.nn.functional.interpolate(x, img_size, mode='bilinear').clamp(0, 1)
     x, y = x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target, dtype=torch.int64)
     # the split and the train subset are fixed (random_state=0), independent of the run seed
     train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target,
@@ -149,9 +134,8 @@ def default_workers():
 
 
 class TimedLoader(DataLoader):
-    """A DataLoader whose `wait` is the seconds its last epoch spent in next(loader); train.py logs
-    its share of the loop as data_wait: large when the pipeline, not the step, limits training (on
-    CUDA the host's view: the GPU may still be busy with queued steps while the host waits)."""
+    """A DataLoader whose `wait` is the seconds its last epoch spent in next(loader), as the host
+    sees it (on CUDA the GPU may still run queued steps): train.py logs its share as data_wait."""
     wait = 0.0
 
     @property
@@ -168,9 +152,8 @@ class TimedLoader(DataLoader):
 
 
 def seed_globals(*key, cuda=True):
-    """Seeds the generators that augmentations and batch draws use, from a key of small integers
-    (seed, epoch, index or step...; nearby keys give unrelated streams): Python's, NumPy's, torch's
-    CPU one, and torch's CUDA ones unless cuda=False (per image: the transforms run on the CPU)."""
+    """Seeds Python's, NumPy's and torch's generators (CUDA's unless cuda=False: the per-image
+    transforms run on the CPU) from a key of small integers; nearby keys give unrelated streams."""
     s = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
     random.seed(s)
     np.random.seed(s % 2**32)
@@ -179,8 +162,7 @@ def seed_globals(*key, cuda=True):
 
 class SeededSamples(torch.utils.data.Dataset):
     """A training set whose sample (index, seed, epoch) is augmented (its transform, then `augment`)
-    with the generators seeded from that key, in the main process or any loader worker: an image
-    looks the same whatever the rank, the number of workers or the step its epoch resumed at."""
+    from that key alone: the same whatever the rank, the loader worker or the step resumed at."""
     def __init__(self, dataset, augment=torch.nn.Identity()):
         self.dataset, self.augment = dataset, augment
 
@@ -195,45 +177,39 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's epoch permutation (seed + epoch), this rank's every world_size-th
-    sample, as (index, seed, epoch) keys: the dataset holds no epoch state (workers get the key).
-    The first `skip` samples are left out, never loaded: a run resumed inside an epoch."""
+    """DistributedSampler's permutation of (seed, epoch), of which rank r takes every world_size-th
+    sample (a step of N processes sees one process's batch of N times the size), as (index, seed,
+    epoch) keys for the workers, less the first `skip`: a run resumed inside an epoch."""
     skip = 0
 
     def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        return iter([(i, self.seed, self.epoch) for i in indices])
+        return iter([(i, self.seed, self.epoch) for i in list(super().__iter__())[self.skip:]])
 
     def __len__(self):
         return self.num_samples - self.skip
 
 
-def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4,
-                  distributed=False, rank=0, world_size=1, seed=0, train_fraction=1.0,
-                  pin_memory=False):
+def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers=4, rank=0,
+                  world_size=1, seed=0, train_fraction=1.0, pin_memory=False):
     """(train_loader, val_loader, Mixup or None): train.py applies Mixup/CutMix to each batch."""
     if recipe == 'vit' and batch_size % 2:
         raise SystemExit(f"Mixup/CutMix needs an even --batch-size, got {batch_size}.")
-    # iter() draws the workers' base seeds from it (not the global RNG); SeededSamples ignores them
-    generator = torch.Generator().manual_seed(seed)
     if dataset == 'digits':
         train_set, val_set = _digits_datasets(img_size, train_fraction)
-        workers = 0  # already tensors in memory
+        workers = 0  # upsampled once, held in memory as tensors
     else:
         train_set, val_set = _image_datasets(dataset, data_dir, img_size, recipe)
-    # one permutation for any number of processes, rank r takes every world_size-th sample: a step
-    # of N processes sees the samples one process would in one batch
-    train_sampler = EpochSampler(train_set, num_replicas=world_size, rank=rank, seed=seed,
-                                 drop_last=True)
-    val_sampler = range(rank, len(val_set), world_size) if distributed else None  # disjoint shards
-    # drop_last: FOFA keeps per-sample feedback from the previous batch: the batch size is fixed
+    train_sampler = EpochSampler(train_set, world_size, rank, seed=seed, drop_last=True)
+    # drop_last: FOFA keeps per-sample feedback from the previous batch: the batch size is fixed.
+    # generator: iter() draws the workers' base seeds from it, not from the global RNG
     kw = dict(num_workers=workers, pin_memory=pin_memory)
     train_loader = TimedLoader(train_set, batch_size, sampler=train_sampler, drop_last=True,
-                               generator=generator, **kw)
-    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_sampler, **kw)  # no grad: 4x
+                               generator=torch.Generator().manual_seed(seed), **kw)
     if len(train_loader) == 0:
         raise SystemExit(f"Training set has {len(train_set)} images per process, fewer than "
                          f"--batch-size {batch_size}: lower the batch size.")
+    val_shard = range(rank, len(val_set), world_size)  # disjoint; one process: all, in order
+    val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_shard, **kw)  # no grad: 4x
     mixup = None
     if recipe == 'vit':  # soft targets, label smoothing folded in
         mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
@@ -242,9 +218,8 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
 
 
 def set_epoch(loader, epoch, seed, step=0):
-    """The epoch's sample order and every image's augmentation, a function of (seed, epoch) only,
-    from `step` on (the batches before it are not loaded): a resumed run is bit-exact. The global
-    RNGs (Mixup's draws, dropout) are seeded by train.py at every step (seed_globals)."""
+    """The epoch's order and augmentations from `step` on (earlier batches are not loaded), a
+    function of (seed, epoch) alone: a resumed run is bit-exact."""
     loader.sampler.seed = seed
-    loader.sampler.set_epoch(epoch)  # same permutation on all ranks, disjoint shards
+    loader.sampler.set_epoch(epoch)
     loader.sampler.skip = step * loader.batch_size

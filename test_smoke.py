@@ -1251,8 +1251,8 @@ def test_augmentation_is_per_image_whatever_the_workers_the_ranks_or_the_first_s
     and loads only those)."""
     def epoch(workers=0, rank=0, world=1, batch=4, step=0):
         loader, _, _ = data.build_loaders(dataset, str(fake_cifar), 32, batch, recipe='vit',
-                                          workers=workers, distributed=world > 1, rank=rank,
-                                          world_size=world, seed=3, train_fraction=0.016)
+                                          workers=workers, rank=rank, world_size=world, seed=3,
+                                          train_fraction=0.016)
         data.set_epoch(loader, 1, 3, step)
         assert len(loader) == 20 // world // batch - step  # 20 images (digits: 1.6% of 1257)
         return [(x, y) for x, y in loader]
@@ -1415,8 +1415,7 @@ def test_digits_vit_mixup():
 def test_digits_distributed_shards():
     trains, vals = [], []
     for r in range(2):
-        train, val, _ = data.build_loaders('digits', None, 32, 16, distributed=True, rank=r,
-                                           world_size=2, seed=5)
+        train, val, _ = data.build_loaders('digits', None, 32, 16, rank=r, world_size=2, seed=5)
         data.set_epoch(train, 1, 5)
         trains.append(list(train.sampler))
         vals.append(list(val.sampler))

@@ -186,7 +186,7 @@ def train(args, rank=0, world=1, device='cpu'):
     cuda = device != 'cpu'
     train_loader, val_loader, mixup = data.build_loaders(
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
-        world > 1, rank, world, args.seed, args.train_fraction, pin_memory=cuda)
+        rank, world, args.seed, args.train_fraction, pin_memory=cuda)
     steps = len(train_loader)
     torch.manual_seed(args.seed)
     try:
