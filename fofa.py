@@ -62,9 +62,9 @@ class Patchify(nn.Module):
     def __init__(self, shape, grid, dim):
         super().__init__()
         c, h, w = shape
-        self.k = (math.ceil(h / grid), math.ceil(w / grid))
-        self.size = (self.k[0] * grid, self.k[1] * grid)  # smaller maps are upsampled first
-        self.proj = nn.Conv2d(c, dim, self.k, self.k)
+        k = (math.ceil(h / grid), math.ceil(w / grid))
+        self.size = (k[0] * grid, k[1] * grid)  # smaller maps are upsampled first
+        self.proj = nn.Conv2d(c, dim, k, k)
 
     def forward(self, x):
         if tuple(x.shape[-2:]) != self.size:
