@@ -1,6 +1,5 @@
-"""The comparison methods with modules of their own: OFA, FBT and HCD (NOTES.md, FBT and HCD).
-Each is a fofa.Distiller (CE on the student, distill() against the frozen teacher); train.build
-builds them."""
+"""The comparison methods with modules of their own, OFA, FBT and HCD (NOTES.md, FBT and HCD):
+each a fofa.Distiller (CE on the student, distill() against the frozen teacher)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -17,8 +16,7 @@ class OFA(Distiller):
     for the maps of every family)."""
 
     def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
-        super().__init__(student, teacher, loss=lambda s, t, y, *_: {'ofa': ofa(s, t, y, eps)},
-                         **kw)
+        super().__init__(student, teacher, **kw)
         _, s_out = student.shapes(img_size)
         width = max(s_out[3][0], teacher.shapes(img_size)[1][3][0])
         self.heads = nn.ModuleDict({str(i - 1): self.head(s_out[i - 1], s_out[3][1], width,
@@ -35,10 +33,9 @@ class OFA(Distiller):
                              nn.Flatten(), nn.LayerNorm(width), nn.Linear(width, num_classes))
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
-        losses['ofa_stages'] = sum(ofa(h(feats[int(i)]).float(), t_logits, targets, self.eps)
-                                   for i, h in self.heads.items())
-        return losses
+        stages = sum(ofa(h(feats[int(i)]).float(), t_logits, targets, self.eps)
+                     for i, h in self.heads.items())
+        return {'ofa': ofa(logits, t_logits, targets, self.eps), 'ofa_stages': stages}
 
 
 class FBT(Distiller):
@@ -50,12 +47,9 @@ class FBT(Distiller):
 
     def __init__(self, student, teacher, img_size, eps=1.0, dim=128, **kw):
         super().__init__(student, teacher, **kw)
-        # nchw: CNN-like (ResNet, ConvNeXt, MobileNet...)
-        self.t_first, self.eps = teacher.layout == 'nchw' != student.layout, eps
-        # stages 1-3 from a, stage 4 + head from b
+        self.t_first, self.eps = teacher.layout == 'nchw' != student.layout, eps  # nchw: a CNN
         a, b = (teacher, student) if self.t_first else (student, teacher)
-        # (stage inputs, stage outputs), each (C, H, W)
-        shape = {m: m.shapes(img_size) for m in (student, teacher)}
+        shape = {m: m.shapes(img_size) for m in (student, teacher)}  # (stage inputs, outputs)
         c, h, w = shape[b][0][3]  # what b's stage 4 takes
         # Swin's 7, or the largest that tiles the grid
         window = max(k for k in range(1, 8) if h % k == 0 == w % k)
@@ -67,8 +61,7 @@ class FBT(Distiller):
                                  Permute([0, 3, 1, 2]))
         # s, f, t (CRD)
         self.emb = nn.ModuleList(nn.Linear(shape[m][1][3][0], dim) for m in (student, b, teacher))
-        # 1 / tau per pair, learnable (CLIP)
-        self.log_scale = nn.Parameter(torch.full((3,), 1 / 0.07).log())
+        self.log_scale = nn.Parameter(torch.full((3,), 1 / 0.07).log())  # 1 / tau per pair (CLIP)
 
     def fused(self, images, stage3=None):
         """The fused model: (logits, pooled stage-4 map). stage3: side a's stage-3 output, if
@@ -113,14 +106,12 @@ class HCD(Distiller):
         self.ramps['sub_kl'] = warmup
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
-        # the plain KD term
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # KD
         f_t = t_feats[3].float().mean((2, 3))  # the teacher's penultimate feature
         # (B, n, K) per stage, fused with the teacher's
         z = [cfm(torch.cat([proj(f).float(), f_t], 1)).float().unflatten(1, (self.n, -1))
              + t_logits[:, None] for proj, cfm, f in zip(self.proj, self.cfm, feats)]
-        # each sub-logit gets the sample's target
-        y = targets.unsqueeze(-1).expand(*targets.shape, self.n)
+        y = targets.unsqueeze(-1).expand(*targets.shape, self.n)  # each sub-logit: the target
         losses['sub_ce'] = sum(F.cross_entropy(s.transpose(1, 2), y) for s in z)
         # the sub-logits are the student's targets here: detached, or the KL drags them toward
         # the untrained student (NOTES.md, HCD)

@@ -46,10 +46,10 @@ def draw_attention(args):
     model = train.build(run, data.num_classes(run.dataset, run.data_dir)).eval()
     model.load_state_dict(ck['model'])
     val = data.build_loaders(run.dataset, run.data_dir, run.img_size, args.batch_size, workers=0)[1]
-    model.raa.keep_attn = True
     with torch.no_grad():
-        model.raa(model.student(next(iter(val))[0])[1])
-    attn = model.raa.attn.mean((0, 1)).numpy()  # (N_q, N_q): N_q / 4 queries per stage
+        q, k, _ = model.raa.qkv(model.raa.tokens(model.student(next(iter(val))[0])[1]))
+    attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)  # Eq. 4's weights
+    attn = attn.mean((0, 1)).numpy()  # (N_q, N_q): N_q / 4 queries per stage
     from matplotlib.figure import Figure  # here only: training never imports matplotlib; Agg draws
     ax, n = Figure(figsize=(6.4, 5.4), layout='constrained').subplots(), len(attn)
     shown = ax.imshow(attn, extent=(0, n, n, 0), interpolation='nearest')  # token i: [i, i + 1]

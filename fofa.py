@@ -1,5 +1,5 @@
 """FOFA: feature-based one-for-all distillation (region-aware attention, adaptive feedback prompts).
-FOFA(student, teacher, img_size)(images in [0, 1], labels) -> (student logits, {loss: scalar,
+FOFA(student, teacher, img_size)(images in [0, 1], labels) -> (student logits, {term: scalar,
 'total'}), student and teacher being models.Staged: a module for any training loop (README)."""
 import math
 
@@ -7,14 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import afp_reg, hcl, kd
+from losses import hcl, kd
 
 
 class Distiller(nn.Module):
-    """A student trained with CE, plus loss(logits, t_logits, targets, feats, t_feats) -> {term:
-    scalar} (default: KD), each term weighted by alpha, against a frozen teacher if given.
-    The teacher is not a submodule: it stays out of .parameters(), state_dict() and DDP and always
-    runs in eval mode; .to()/.cuda()/.half() still move it."""
+    """CE on the student, plus loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}
+    (default: KD) against a frozen teacher if given. The teacher is no submodule: it stays out of
+    .parameters(), state_dict() and DDP, always in eval mode; .to()/.cuda()/.half() move it."""
 
     def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__()
@@ -33,8 +32,7 @@ class Distiller(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def forward(self, images, targets):
-        """targets: class indices or soft targets (mixup). Returns (student logits, {loss name:
-        scalar, 'total'})."""
+        """targets: class indices or soft (mixup). Returns (logits, {term: scalar, 'total'})."""
         logits, feats = self.student(images)
         logits32 = logits.float()
         losses = {'ce': F.cross_entropy(logits32, targets, label_smoothing=self.label_smoothing)}
@@ -64,9 +62,9 @@ class Patchify(nn.Module):
     def __init__(self, shape, grid, dim):
         super().__init__()
         c, h, w = shape
-        self.k = (math.ceil(h / grid), math.ceil(w / grid))
-        self.size = (self.k[0] * grid, self.k[1] * grid)  # smaller maps are upsampled first
-        self.proj = nn.Conv2d(c, dim, self.k, self.k)
+        k = (math.ceil(h / grid), math.ceil(w / grid))
+        self.size = (k[0] * grid, k[1] * grid)  # smaller maps are upsampled first
+        self.proj = nn.Conv2d(c, dim, k, k)
 
     def forward(self, x):
         if tuple(x.shape[-2:]) != self.size:
@@ -75,8 +73,7 @@ class Patchify(nn.Module):
 
 
 class Aligner(nn.Module):
-    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W): LayerNorm, a channel and a
-    learned spatial map."""
+    """M_i in Eq. 2: grid tokens -> the teacher stage's (C, H, W) by LayerNorm, then linear maps."""
 
     def __init__(self, dim, tokens, shape):
         super().__init__()
@@ -90,9 +87,8 @@ class Aligner(nn.Module):
 
 
 class RAA(nn.Module):
-    """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then
-    per-stage aligners. attention=False leaves only patchify + aligners: the FitNet baseline of
-    Table 4 (NOTES.md, RAA)."""
+    """Region-aware attention (Eq. 3-4) over the N_q tokens of all 4 student stages, then the
+    aligners. attention=False: patchify and aligners only, Table 4's FitNet (NOTES.md, RAA)."""
 
     def __init__(self, student_shapes, teacher_shapes, nq=64, dim=512, heads=8, attention=True):
         super().__init__()
@@ -102,7 +98,7 @@ class RAA(nn.Module):
                              f'64, 100, 144...); got {nq}')
         if dim % heads:
             raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
-        self.heads, self.attention, self.keep_attn, self.attn = heads, attention, False, None
+        self.heads, self.attention = heads, attention
         self.patchify = nn.ModuleList(Patchify(s, grid, dim) for s in student_shapes)
         self.align = nn.ModuleList(Aligner(dim, grid * grid, t) for t in teacher_shapes)
         if attention:
@@ -112,19 +108,19 @@ class RAA(nn.Module):
             self.v = nn.Linear(dim, dim)  # after qk: optimizer states index parameters in order
 
     def forward(self, feats):
-        tokens = torch.cat([p(f) for p, f in zip(self.patchify, feats)], 1)  # Eq. 3: (B, N_q, d)
-        if self.attention:
-            h = self.norm(tokens)
-            qk = self.qk(h + self.pos).unflatten(-1, (2, self.heads, -1))
-            q, k = qk.permute(2, 0, 3, 1, 4)
-            v = self.v(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-            if self.keep_attn:  # explicit softmax so the map can be drawn (eval.py --attn)
-                attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
-                self.attn, out = attn.detach(), attn @ v
-            else:
-                out = F.scaled_dot_product_attention(q, k, v)  # Eq. 4
-            tokens = out.transpose(1, 2).flatten(2)
+        tokens = self.tokens(feats)
+        if self.attention:  # Eq. 4
+            tokens = F.scaled_dot_product_attention(*self.qkv(tokens)).transpose(1, 2).flatten(2)
         return [a(t) for a, t in zip(self.align, tokens.chunk(4, 1))]
+
+    def tokens(self, feats):  # Eq. 3: (B, N_q, d), the stages' grids in turn
+        return torch.cat([p(f) for p, f in zip(self.patchify, feats)], 1)
+
+    def qkv(self, tokens):  # Eq. 4's q, k (with positions), v per head: (B, heads, N_q, d/heads)
+        h = self.norm(tokens)
+        qk = self.qk(h + self.pos).unflatten(-1, (2, self.heads, -1))
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        return q, k, self.v(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
 
 class SE(nn.Module):
@@ -142,20 +138,16 @@ class SE(nn.Module):
 
 
 def conv_chain_mean(convs, *parts):
-    """Equals c(b(a(torch.cat(parts, 1)))).mean((2, 3), keepdim=True) for convs = (a, b, c).
-    a and c are 1x1, b is k x k (zero padding k // 2, stride 1), nothing non-linear between them:
-    the spatial mean is all the official SE keeps of them. Per tap of b, the sum of the input over
-    the positions it reads, by two small matmuls instead of full-size convs."""
+    """Equals c(b(a(torch.cat(parts, 1)))).mean((2, 3), keepdim=True) for convs = (a, b, c): a, c
+    1x1, b k x k (zero padding k // 2, stride 1), nothing non-linear between them (the official SE
+    keeps only this mean). Per tap of b, the input's sum over the positions it reads, by two small
+    matmuls instead of full-size convs."""
     a, b, c = convs
     k, (h, w) = b.kernel_size[0], parts[0].shape[-2:]
     assert a.kernel_size == c.kernel_size == (1, 1) and b.stride == (1, 1)
     assert b.padding == (k // 2, k // 2)
-
-    def reads(n):  # (n, k): line r is read by tap i iff output line r - i + k // 2 exists
-        lines = torch.arange(n, device=parts[0].device)[:, None]
-        y = lines - torch.arange(k, device=parts[0].device) + k // 2
-        return ((y >= 0) & (y < n)).to(parts[0].dtype)
-    rh, rw = reads(h), reads(w)
+    # (n, k) per axis: line r is read by tap i iff output line r - i + k // 2 is in [0, n)
+    rh, rw = (parts[0].new_ones(n, k).tril(k // 2).triu(k // 2 - n + 1) for n in (h, w))
     taps = torch.cat([rh.t() @ (u @ rw) for u in parts], 1)  # (B, C, k, k)
     positions = torch.outer(rh.sum(0), rw.sum(0))  # a's bias counts once per position read
     z = F.conv2d(taps, a.weight, groups=a.groups) + a.bias[:, None, None] * positions
@@ -164,25 +156,21 @@ def conv_chain_mean(convs, *parts):
 
 class AFP(nn.Module):
     """Adaptive feedback prompt before one teacher stage (Eq. 5-6): x + beta * PB(FB(cat(feedback,
-    x))), feedback = M(F_S) - F_T' of the previous iteration (a buffer). beta starts at 0: the
-    prompted teacher starts as the teacher. PB and FB keep the official SE, so the prompt is a
-    per-channel bias computed from spatial means (NOTES.md, AFP prompt)."""
+    x))), feedback = M(F_S) - F_T' of the previous iteration (a buffer); beta starts at 0, as the
+    teacher. PB and FB end in the official SE: a per-channel bias (NOTES.md, AFP prompt)."""
 
     def __init__(self, in_shape, out_shape, use_feedback=True, fusion='dw'):
         super().__init__()
         c, g = in_shape[0], 4 if in_shape[0] % 4 == 0 else 1
         self.in_shape, self.out_shape, self.use_feedback = in_shape, out_shape, use_feedback
-        # PB (Pro-tuning): grouped 1x1, depthwise 5x5, 1x1, SE, grouped 1x1
-        self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g),
+        self.prompt = nn.Sequential(nn.Conv2d(c, c, 1, groups=g),  # PB, as in Pro-tuning
                                     nn.Conv2d(c, c, 5, padding=2, groups=c), nn.Conv2d(c, c, 1),
                                     SE(c), nn.Conv2d(c, c, 1, groups=g))
         self.beta = nn.Parameter(torch.zeros(1))
         if use_feedback:
-            # feedback from the stage output back to the stage input's channels (resized later)
             self.fb_align = nn.Conv2d(out_shape[0], c, 1) if out_shape[0] != c else nn.Identity()
-            # FB: 1x1, 5x5, 1x1, SE, 1x1; the 5x5 is depthwise ('dw') or full, as official
-            groups = {'dw': c, 'full': 1}[fusion]
-            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1),
+            groups = {'dw': c, 'full': 1}[fusion]  # FB's 5x5: depthwise, or full as official
+            self.fusion = nn.Sequential(nn.Conv2d(2 * c, c, 1),  # FB
                                         nn.Conv2d(c, c, 5, padding=2, groups=groups),
                                         nn.Conv2d(c, c, 1), SE(c), nn.Conv2d(c, c, 1))
             self.register_buffer('feedback', torch.zeros(0))
@@ -213,11 +201,10 @@ class AFP(nn.Module):
 
 
 class FOFA(Distiller):
-    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8). FD = sum over 4 stages of
-    HCL(M_i(F_S), F'_T,i) (Eq. 2) against the prompted teacher's features; Reg = KL(p_T || p_T')
-    (Eq. 7). afp_stages: any subset of 1-4 (empty: the plain teacher's features are the targets).
-    raa=False: FitNet. recompute: teacher stages (1-4) whose prompted pass runs again in backward
-    (memory). Under DDP use broadcast_buffers=False (NOTES.md, Feedback under DDP)."""
+    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8), FD = sum over the 4 stages of
+    HCL(M_i(F_S), F'_T,i) (Eq. 2) against the prompted teacher. afp_stages: any of 1-4 (none: the
+    plain teacher's features are the targets); raa=False: FitNet; recompute: teacher stages (1-4)
+    whose prompted pass runs again in backward. Under DDP use broadcast_buffers=False (NOTES.md)."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4),
                  feedback=True, raa=True, fusion='dw', recompute=(), alpha=1.0, beta=1.0,
@@ -242,11 +229,10 @@ class FOFA(Distiller):
 
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         aligned = self.raa(feats)
-        # Eq. 1 against the plain teacher
-        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)
+        losses = super().distill(images, targets, logits, feats, t_logits, t_feats)  # Eq. 1
         if len(self.afp):
             tp_logits, t_feats = self.prompted_teacher(images)  # gradients reach the prompts
-            losses['reg'] = afp_reg(tp_logits.float(), t_logits)  # Eq. 7
+            losses['reg'] = kd(tp_logits.float(), t_logits)  # Eq. 7: KL(p_T || p_T'), T = 1
         losses['fd'] = sum(hcl(a.float(), t.float()) for a, t in zip(aligned, t_feats))  # Eq. 2
         with torch.no_grad():
             for i, afp in self.afp.items():  # Eq. 5: this iteration's gap, the next one's feedback

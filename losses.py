@@ -10,16 +10,10 @@ def kd(student_logits, teacher_logits, T=1.0):
     return F.kl_div(s, t, reduction='batchmean', log_target=True) * T * T
 
 
-def afp_reg(prompted_logits, teacher_logits):
-    """Eq. 7: KL(p_T || p_T'), keeps the prompted teacher's predictions on the teacher's (T = 1)."""
-    return kd(prompted_logits, teacher_logits.detach(), 1.0)
-
-
 def hcl(fs, ft):
-    """Hierarchical context loss (ReviewKD's hcl, https://github.com/dvlab-research/ReviewKD):
-    MSE of the maps plus MSE of their 4x4, 2x2 and 1x1 average pools. Each level below the map's
-    height is used, each used level weighs half the one before (1/2, then 1/4, 1/8), and the sum
-    is divided by the sum of the weights. Pooling is linear: the difference is pooled once."""
+    """Eq. 2's distance, ReviewKD's hcl (https://github.com/dvlab-research/ReviewKD): MSE of the
+    maps and of their 4x4, 2x2, 1x1 average pools below the map's height, each half the weight of
+    the one before (1/2, 1/4, 1/8), over the weights' sum. The difference is pooled (linear)."""
     d = fs - ft
     loss, weight, total = d.pow(2).mean(), 1.0, 1.0
     for level in (4, 2, 1):
@@ -30,18 +24,14 @@ def hcl(fs, ft):
     return loss / total
 
 
-# ---- Baselines (Sec. 4 comparisons). CRD is left out: its memory bank of embeddings for the
-# whole training set does not fit a pure function.
-
-
+# ---- Baselines (Sec. 4 comparisons; CRD is left out: NOTES.md, Losses)
 def dkd_parts(logits_s, logits_t, target, T=4.0):
     """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), b_T
     the teacher's target probability: KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: the target
     column dropped)."""
     s, t = logits_s.float() / T, logits_t.float() / T
-    B, C = s.shape
-    gt = F.one_hot(target, C).bool()
-    s_nt, t_nt = s[~gt].view(B, C - 1), t[~gt].view(B, C - 1)
+    gt = F.one_hot(target, s.shape[-1]).bool()
+    s_nt, t_nt = s[~gt].view(len(s), -1), t[~gt].view(len(t), -1)
     # log of the binary distribution [p_target, 1 - p_target], from log-sum-exps (no log(1 - p))
     bin_s = torch.stack([s[gt], s_nt.logsumexp(-1)], -1) - s.logsumexp(-1, keepdim=True)
     bin_t = torch.stack([t[gt], t_nt.logsumexp(-1)], -1) - t.logsumexp(-1, keepdim=True)
@@ -102,24 +92,21 @@ def orthogonality(sub_logits, target, theta=0.5):
     return F.relu(cos[:, off] - theta).pow(2).mean()
 
 
-def _pdist(e):  # pairwise distances over their off-diagonal mean
-    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-    d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off
-    return d / d[off].mean()
-
-
-def _angles(e):  # cos of the angle at e_i between e_j and e_k
-    v = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=-1)  # v[i, j] = unit(e_j - e_i)
-    return torch.einsum('ijd,ikd->ijk', v, v)
-
-
 def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
     """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each
     over its off-diagonal mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and
     teacher dims may differ (B x B matrices)."""
+    def distances(e):  # over their off-diagonal mean
+        off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+        d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off
+        return d / d[off].mean()
+
+    def angles(e):  # cos of the angle at e_i between e_j and e_k
+        v = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=-1)  # v[i, j] = unit(e_j - e_i)
+        return torch.einsum('ijd,ikd->ijk', v, v)
     s, t = emb_s.float(), emb_t.float()
-    angle = F.smooth_l1_loss(_angles(s), _angles(t))
-    return w_dist * F.smooth_l1_loss(_pdist(s), _pdist(t)) + w_angle * angle
+    angle = F.smooth_l1_loss(angles(s), angles(t))
+    return w_dist * F.smooth_l1_loss(distances(s), distances(t)) + w_angle * angle
 
 
 def cc(emb_s, emb_t):
@@ -131,8 +118,7 @@ def cc(emb_s, emb_t):
 
 
 def logit_terms(method, logits, t_logits, targets, feats, t_feats, kd_t, dkd_args, dist_args):
-    """{method: loss} of the methods that are a loss only: on the logits or (rkd, cc) on the
-    pooled last stages."""
+    """{method: loss} of the loss-only methods: on the logits, or (rkd, cc) the pooled stage 4."""
     if method == 'kd':
         return {'kd': kd(logits, t_logits, kd_t)}
     if method == 'dkd':
