@@ -28,7 +28,7 @@ def accuracy(args):
     val = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size,
                              workers=args.workers)[1]
     ctx = torch.autocast(device, torch.bfloat16, enabled=args.amp)
-    top1, top5 = train.evaluate(net.to(device), val, device, ctx)
+    top1, top5 = train.evaluate(net.to(device).eval(), val, device, ctx)
     print(f'{args.model} {args.ckpt}: top-1 {top1:.2f} top-5 {top5:.2f}')
     run = {'model': args.model, 'ckpt': args.ckpt, 'dataset': args.dataset}
     print(json.dumps({**run, 'top1': top1, 'top5': top5}))

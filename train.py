@@ -289,9 +289,9 @@ def train(args, rank=0, world=1, device='cpu'):
         train_s, extra = time.time() - t0, {}
         top1 = top5 = ema_top1 = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            top1, top5 = evaluate(student, val_loader, device, ctx)
+            top1, top5 = evaluate(model.eval().student, val_loader, device, ctx)
             ema_top1 = evaluate(ema.module, val_loader, device, ctx)[0] if ema else None
-            for name, f in model.eval().extra_evals().items():
+            for name, f in model.extra_evals().items():
                 extra[f'{name}_top1'] = evaluate(f, val_loader, device, ctx)[0]
         if rank == 0:
             done = i + 1 - int(skipped.item())  # the epoch's finite steps
@@ -370,9 +370,7 @@ def build(args, num_classes):
 
 @torch.no_grad()
 def evaluate(net, loader, device, ctx):
-    """(top-1, top-5) of net(x)[0]; net is a module (put in eval mode here) or a function."""
-    if isinstance(net, torch.nn.Module):
-        net.eval()
+    """(top-1, top-5) of net(x)[0] (a module in eval mode, or a function)."""
     correct = torch.zeros(3, device=device)  # top-1, top-5, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
