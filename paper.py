@@ -158,6 +158,9 @@ def runs_to_do(args):
             label = f'{cell.dataset} {cell.pair}/{cell.config} seed {seed}'
             command = launch + cell.flags + ['--epochs', str(cell.epochs), '--batch-size',
                                              str(per_gpu), '--seed', str(seed), '--out', out]
+            if args.parallel > 1:  # the processes of the runs at once share the cores
+                workers = data.default_workers() // (args.parallel * args.gpus)
+                command += ['--workers', str(max(1, workers))]
             done = last_epoch(out)
             state = 'to run'
             if done >= cell.epochs:
