@@ -1770,6 +1770,12 @@ def test_teacher_ckpt_timm_loads_timms_pretrained_weights(tmp_path, monkeypatch)
                         pretrained_cfg_overlay=dict(file=str(tmp_path / 'in1k.pth')))))
     with pytest.raises(SystemExit, match='no ImageNet weights that fit tiny_other: Error'):  # weights of another shape
         models.create('tiny_other', 1000, weights='timm')
+    # --pretrained starts the student of any method from timm's weights (a new head for 10 classes)
+    args = train.resolve(train.get_args(['--teacher', 'vit_mini', '--student', 'tiny_in1k', '--pretrained',
+                                         '--method', 'kd', '--teacher-ckpt', 'random', '--img-size', '32',
+                                         '--out', str(tmp_path / 'kd')]))
+    student = train.build(args, 10).student.net.state_dict()
+    assert all(torch.equal(student[k], v) for k, v in weights.items() if not k.startswith('fc.'))
     with pytest.raises(ValueError, match='mixer_mini has no timm pretrained weights'):  # was silently random
         train.build(train.get_args(['--student', 'mixer_mini', '--method', 'ce', '--pretrained']), 10)
 
