@@ -1,10 +1,9 @@
-"""Any timm classifier seen as stem -> 4 stages -> head, with stage outputs as (B, C, H, W) maps,
-ending at its own feature levels (timm's feature_info; NOTES.md, Stage taps). The timm model
-runs its own forward, hooked at positions k = 0-4 (stage 1's input, stage k's output), and is
-kept whole under `.net`: a plain timm state_dict.
+"""Any timm classifier as stem -> 4 stages -> head, the stages ending at its own feature levels
+(timm's feature_info; NOTES.md, Stage taps). It runs its own forward, hooked at positions k = 0-4
+(stage 1's input, stage k's output), and is kept whole under `.net` (a plain timm state_dict).
 
     net = models.create('deit_t', num_classes=100)  # a Staged model; net.net: the timm model
-    logits, feats = net(images)                     # images in [0, 1]; feats: 4 maps
+    logits, feats = net(images)                     # images in [0, 1]; feats: 4 (B, C, H, W) maps
     logits, feats = net(images, prompts={0: fn})    # fn(map) -> map on the INPUT of stage 1
 """
 import argparse
@@ -238,18 +237,18 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
             net = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
         except OSError as e:  # offline and not cached: LocalEntryNotFoundError, URLError
             cfg = timm.models.get_pretrained_cfg(timm_name)
-            raise SystemExit(f'timm could not fetch {cfg.hf_hub_id or cfg.url} ({name}) into '
-                             f'{huggingface_hub.constants.HF_HUB_CACHE} or {torch.hub.get_dir()} '
-                             f'({type(e).__name__}): fetch it once online, pass the file to '
-                             '--teacher-ckpt or set pretrained_cfg_overlay=dict(file=PATH) '
-                             'in MODELS.')
+            raise SystemExit(f'timm could not fetch {cfg.hf_hub_id or cfg.url} ({name}, '
+                             f'{type(e).__name__}) into {huggingface_hub.constants.HF_HUB_CACHE} '
+                             f'or {torch.hub.get_dir()}: fetch it online, pass the file to '
+                             '--teacher-ckpt or add pretrained_cfg_overlay=dict(file=PATH) to '
+                             'its models.MODELS entry.')
         except RuntimeError as e:  # no timm weights for this name, or not of its shape (*_mini)
             reason = str(e).partition('\n')[0].rstrip('.: ') or type(e).__name__
             raise SystemExit(f'timm has no ImageNet weights that fit {name}: {reason}.')
     model = f"model '{name}' ({type(net).__name__})"
     levels = len(getattr(net, 'feature_info', None) or ())
     if levels < 4:
-        raise ValueError(f"{model} has {levels} feature levels in timm's feature_info; FOFA taps 4.")
+        raise ValueError(f"{model} has {levels} feature levels in timm's feature_info, not 4.")
     if hasattr(net, 'unroll'):
         raise ValueError(f'{model} keeps its tokens in mask-unit order, not as a map.')
     if isinstance(weights, str) and weights != 'timm':
