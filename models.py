@@ -49,8 +49,8 @@ class Staged(torch.nn.Module):
     def __init__(self, net, mean, std, img_size):
         super().__init__()
         self.net, levels, modules = net, net.feature_info, dict(net.named_modules())
-        if len({level['reduction'] for level in levels}) == 1:  # isotropic: 2-2-6-2 levels of 12,
-            ends = (2, 4, 10, 12)  # at any depth (>= 4), kept increasing
+        if len({level['reduction'] for level in levels}) == 1:  # isotropic (one stride): of 12
+            ends = (2, 4, 10, 12)  # levels, blocks 2-2-6-2; scaled to any depth, kept increasing
             levels = [levels[max(round(len(levels) * end / 12), i + 1) - 1]
                       for i, end in enumerate(ends)]
         taps = levels[-4:]
