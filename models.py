@@ -1,9 +1,9 @@
-"""Any timm classifier seen as stem -> 4 stages -> head, with stage outputs as (B, C, H, W) maps,
-ending at its own feature levels (timm's feature_info; NOTES.md, Stage taps). The timm model
-runs its own forward, hooked, and is kept whole under `.net`: a plain timm state_dict.
+"""Any timm classifier as stem -> 4 stages -> head, the stages ending at its own feature levels
+(timm's feature_info; NOTES.md, Stage taps). It runs its own forward, hooked at positions k = 0-4
+(stage 1's input, stage k's output), and is kept whole under `.net` (a plain timm state_dict).
 
     net = models.create('deit_t', num_classes=100)  # a Staged model; net.net: the timm model
-    logits, feats = net(images)                     # images in [0, 1]; feats: 4 maps
+    logits, feats = net(images)                     # images in [0, 1]; feats: 4 (B, C, H, W) maps
     logits, feats = net(images, prompts={0: fn})    # fn(map) -> map on the INPUT of stage 1
 """
 import argparse
@@ -15,13 +15,9 @@ from functools import partial
 
 import huggingface_hub
 import safetensors.torch
-from safetensors import SafetensorError
 import timm
 import torch
-import torch.nn as nn
 from timm.models.mlp_mixer import Affine, MlpMixer, ResBlock
-from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 
 _SWIN_T = 'swin_tiny_patch4_window7_224'
 _SWIN_SMALL = dict(depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
@@ -45,32 +41,27 @@ MODELS = {
     'resmlp_mini': (MlpMixer, dict(img_size=32, patch_size=4, num_blocks=6, embed_dim=96,
                                    mlp_ratio=4, block_layer=ResBlock, norm_layer=Affine)),
 }
-def _isotropic(n):
-    """Indices of the 4 tapped levels of n at one stride: 2-2-6-2 of 12, scaled to any depth."""
-    ends = []
-    for f in (2 / 12, 4 / 12, 10 / 12, 1.0):
-        ends.append(min(n - (3 - len(ends)), max(round(n * f), (ends[-1] if ends else 0) + 1)))
-    return [end - 1 for end in ends]
 
 
-class Staged(nn.Module):
-    """A timm classifier as stem, 4 stages and head: its own forward, hooked at positions k = 0-4
-    (stage 1's input, stage k's output). Takes [0, 1] images, normalised with its mean/std."""
+class Staged(torch.nn.Module):
+    """A timm classifier as stem, 4 stages and head; takes [0, 1] images, normalised inside."""
 
     def __init__(self, net, mean, std, img_size):
         super().__init__()
         self.net, levels, modules = net, net.feature_info, dict(net.named_modules())
-        isotropic = len({level['reduction'] for level in levels}) == 1
-        taps = [levels[i] for i in (_isotropic(len(levels)) if isotropic else range(-4, 0))]
+        if len({level['reduction'] for level in levels}) == 1:  # isotropic (one stride): of 12
+            ends = (2, 4, 10, 12)  # levels, blocks 2-2-6-2; scaled to any depth, kept increasing
+            levels = [levels[max(round(len(levels) * end / 12), i + 1) - 1]
+                      for i, end in enumerate(ends)]
+        taps = levels[-4:]
         self._reduction = [tap['reduction'] for tap in taps[:1] + taps]
         names = [tap['module'] for tap in taps]
         if not set(names) <= modules.keys() or len(set(names)) < 4:
             raise ValueError(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
         # stage 1 starts at the first module of the container that holds the first tap, or at the
         # tap itself (ResNet: after the maxpool); stage k + 1 takes stage k's output
-        start, parent = names[0], names[0].rpartition('.')[0]
-        if parent:
-            start = f'{parent}.{next(modules[parent].named_children())[0]}'
+        parent = names[0].rpartition('.')[0]
+        start = f'{parent}.{next(modules[parent].named_children())[0]}' if parent else names[0]
         self._bounds = [start] + names
         modules[start].register_forward_pre_hook(partial(self._hook, 0))
         for k, name in enumerate(self._bounds[1:], 1):
@@ -104,10 +95,10 @@ class Staged(nn.Module):
         return x if output else (x, *args[1:])
 
     def _run(self, forward, *args, **kwargs):
-        """A child of a container of taps, in the stage of the last position seen: checkpointed
-        (only its forward: the hooks around it run once) if that stage is to be recomputed."""
+        """A child of a container of taps, checkpointed (its forward: the hooks run once) if the
+        stage of the last position seen is to be recomputed."""
         if self._seen is not None and len(self._seen) - 1 in self._recompute:
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return forward(*args, **kwargs)
 
     def to_map(self, x, k):
@@ -119,16 +110,15 @@ class Staged(nn.Module):
         return x if layout == 'nchw' else x.permute(0, 3, 1, 2)
 
     def forward(self, images, prompts=None, recompute=()):
-        """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} applied to
-        that stage's input. recompute: stage indices 0-3 whose modules keep only their inputs for
-        backward and run again (less memory, more time)."""
+        """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} on that
+        stage's input. recompute: stage indices 0-3 run again in backward (less memory)."""
         self._seen, self._prompts, self._hw = {}, prompts or {}, images.shape[-2:]
         self._recompute = set(recompute) if torch.is_grad_enabled() else set()
         try:
             features = self.net.forward_features((images - self.mean) / self.std)
+            feats = [self.to_map(self._seen[k], k) for k in range(1, 5)]
         finally:
-            seen, self._seen, self._prompts = self._seen, None, None  # the prompts may hold graphs
-        feats = [self.to_map(seen[k], k) for k in range(1, 5)]
+            self._seen = self._prompts = None  # .net runs alone again; prompts may hold graphs
         # a head conv after the last level (MobileNetV2's 1280 channels) ends stage 4
         if features.ndim == 4 and features.shape[1] != feats[3].shape[1] and \
                 features.shape[2:] == feats[3].shape[2:]:
@@ -147,7 +137,7 @@ class Staged(nn.Module):
             first.append(tuple(m.shape[1:]))
             return m
         was_training = self.training
-        feats = functional_call(self.eval(), state, (images, {0: keep}))[1]
+        feats = torch.func.functional_call(self.eval(), state, (images, {0: keep}))[1]
         self.train(was_training)
         outs = [tuple(f.shape[1:]) for f in feats]
         return first + outs[:3], outs
@@ -161,28 +151,25 @@ def read_checkpoint(path, flag):
             return safetensors.torch.load_file(path)
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError,
+            safetensors.SafetensorError) as e:
         if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # code, not weights
-            raise SystemExit(f'{flag} {path} was refused: it holds pickled code, not only '
-                             'tensors (loaded with weights_only=True); save its state_dict alone '
-                             'and use that.')
+            raise SystemExit(f'{flag} {path} holds pickled code, not only tensors: save its '
+                             'state_dict alone and use that.')
         raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint '
-                         f'({type(e).__name__}): it may be truncated or another kind of file, so '
-                         'download or save it again.')
+                         f'({type(e).__name__}): it may be truncated; download or save it again.')
 
 
 def load_weights(path, net, what):
     """Into the timm model net: a timm or official state_dict, a CheckpointSaver file (PATH:ema:
-    its EMA) or a run's best.pt/last.pt, renamed by timm's checkpoint_filter_fn where needed
-    (NOTES.md, Checkpoints). `what` names the model in the one-sentence errors."""
+    its EMA) or a run's best.pt/last.pt, through timm's checkpoint_filter_fn (NOTES.md)."""
     ema, path = path.endswith(':ema'), path.removesuffix(':ema')
     ck = read_checkpoint(path, 'the checkpoint')
     keys = ('student', 'state_dict', 'model', 'model_ema')  # run, CheckpointSaver, release
     if ema:
         keys = ('state_dict_ema', 'model_ema')  # CheckpointSaver's EMA
     found = [ck[k] for k in keys if isinstance(ck, dict) and isinstance(ck.get(k), dict)]
-    if found or ema:
-        ck = found[0] if found else None
+    ck = next(iter(found), None if ema else ck)
     if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):
         problem = 'holds no EMA weights' if ema else 'is not a state_dict of tensors'
         raise SystemExit(f'{path} {problem}.')
@@ -206,8 +193,7 @@ def load_weights(path, net, what):
 
 
 def input_size(name):
-    """A model's input size by default: its img_size in MODELS, 32 for the *_mini models, else
-    its timm pretrained config's (224; 160 for timm's test_* models), else 224."""
+    """The default input size: img_size in MODELS, 32 for *_mini, else timm's config's or 224."""
     timm_name, kwargs = MODELS.get(name, (name, {}))
     cfg = timm.models.get_pretrained_cfg(timm_name) if isinstance(timm_name, str) else None
     default = 32 if name.endswith('_mini') else cfg.input_size[-1] if cfg else 224
@@ -215,8 +201,7 @@ def input_size(name):
 
 
 def probe(name, img_size, role='model'):
-    """The Staged model `name` built on the meta device and run at img_size (shapes only), or one
-    sentence why not: an unknown name, no 4 stages to tap, or an input size it cannot take."""
+    """The Staged model `name` on the meta device, run at img_size; else one sentence why not."""
     try:
         with torch.device('meta'):
             net = create(name, 1)
@@ -224,9 +209,9 @@ def probe(name, img_size, role='model'):
     except ValueError as e:
         raise SystemExit(str(e))
     except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        reason = str(e).splitlines()[0].rstrip('.')
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): it '
-                         f'takes {input_size(name)}.')
+        reason = str(e).partition('\n')[0].rstrip('.') or type(e).__name__
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): '
+                         f'it takes {input_size(name)}.')
     return net
 
 
@@ -245,37 +230,33 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     pretrained = weights in (True, 'timm')
     if not isinstance(timm_name, str):  # a class built directly (small MLPs)
         if pretrained:
-            raise ValueError(f'{name} has no timm pretrained weights: it is built from a timm '
-                             'class, not a timm name.')
+            raise ValueError(f'{name} has no timm pretrained weights: it is built from a class.')
         net = timm_name(**kwargs)
     else:
         try:
             net = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
         except OSError as e:  # offline and not cached: LocalEntryNotFoundError, URLError
             cfg = timm.models.get_pretrained_cfg(timm_name)
-            raise SystemExit(f'timm could not fetch the ImageNet weights of {name} '
-                             f'({type(e).__name__}): it looked for {cfg.hf_hub_id or cfg.url} in '
-                             f'{huggingface_hub.constants.HF_HUB_CACHE} and {torch.hub.get_dir()}; '
-                             'fetch them once online (or copy that cache here), give timm the '
-                             'file with pretrained_cfg_overlay=dict(file=PATH) in models.MODELS, '
-                             'or pass it to --teacher-ckpt.')
+            raise SystemExit(f'timm could not fetch {cfg.hf_hub_id or cfg.url} ({name}, '
+                             f'{type(e).__name__}) into {huggingface_hub.constants.HF_HUB_CACHE} '
+                             f'or {torch.hub.get_dir()}: fetch it online, pass the file to '
+                             '--teacher-ckpt or add pretrained_cfg_overlay=dict(file=PATH) to '
+                             'its models.MODELS entry.')
         except RuntimeError as e:  # no timm weights for this name, or not of its shape (*_mini)
-            reason = str(e).splitlines()[0].rstrip('.: ')
+            reason = str(e).partition('\n')[0].rstrip('.: ') or type(e).__name__
             raise SystemExit(f'timm has no ImageNet weights that fit {name}: {reason}.')
+    model = f"model '{name}' ({type(net).__name__})"
     levels = len(getattr(net, 'feature_info', None) or ())
     if levels < 4:
-        raise ValueError(f"model '{name}' ({type(net).__name__}) has {levels} feature levels in "
-                         "timm's feature_info, and FOFA taps 4 stages.")
+        raise ValueError(f"{model} has {levels} feature levels in timm's feature_info, not 4.")
     if hasattr(net, 'unroll'):
-        raise ValueError(f"model '{name}' ({type(net).__name__}) keeps its tokens in mask-unit "
-                         'order, not as a map.')
+        raise ValueError(f'{model} keeps its tokens in mask-unit order, not as a map.')
     if isinstance(weights, str) and weights != 'timm':
         load_weights(weights, net, f'{name} ({num_classes} classes)')
-    cfg = getattr(net, 'pretrained_cfg', None) or {}
+    data = timm.data.resolve_model_data_config(net)
     try:
-        return Staged(net, mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN),
-                      std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD),
+        return Staged(net, mean or data['mean'], std or data['std'],
                       kwargs.get('img_size', input_size(name)))
-    except (AttributeError, AssertionError, RuntimeError, TypeError) as e:  # lists, tuples...
-        raise ValueError(f"model '{name}' ({type(net).__name__}) has no single map or token "
-                         f'tensor at its feature levels ({type(e).__name__} in a first forward).')
+    except (AttributeError, AssertionError, KeyError, RuntimeError, TypeError) as e:  # lists...
+        raise ValueError(f'{model} has no single map or token tensor at its feature levels '
+                         f'({type(e).__name__} in a first forward).')
