@@ -18,7 +18,7 @@ import train
 
 def accuracy(args):
     img_size = args.img_size or models.input_size(args.model)
-    models.probe(args.model, img_size)  # an unknown model, or a size it cannot take
+    train.probe(args.model, img_size)  # an unknown model, or a size it cannot take
     classes, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset]
     try:  # --ckpt: a file, PATH:ema, or 'timm' (ImageNet weights)
         net = models.create(args.model, classes, args.ckpt, *(norm or (None, None)))

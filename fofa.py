@@ -203,11 +203,11 @@ class AFP(nn.Module):
 class FOFA(Distiller):
     """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8), FD = sum over the 4 stages of
     HCL(M_i(F_S), F'_T,i) (Eq. 2) against the prompted teacher. afp_stages: any of 1-4 (none: the
-    plain teacher's features are the targets); raa=False: FitNet; recompute: teacher stages (1-4)
-    whose prompted pass runs again in backward. Under DDP use broadcast_buffers=False (NOTES.md)."""
+    plain teacher's features are the targets); raa=False: FitNet. Under DDP use
+    broadcast_buffers=False (NOTES.md)."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4),
-                 feedback=True, raa=True, fusion='dw', recompute=(), alpha=1.0, beta=1.0,
+                 feedback=True, raa=True, fusion='dw', alpha=1.0, beta=1.0,
                  gamma=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__(student, teacher, alpha=alpha, kd_t=kd_t, label_smoothing=label_smoothing)
         if not set(afp_stages) <= {1, 2, 3, 4}:
@@ -218,11 +218,10 @@ class FOFA(Distiller):
         self.afp = nn.ModuleDict({str(i - 1): AFP(t_in[i - 1], t_out[i - 1], feedback, fusion)
                                   for i in sorted(afp_stages)})
         self.weights.update(fd=beta, reg=gamma)
-        self.recompute = [i - 1 for i in recompute]
 
     def prompted_teacher(self, images):
         """The teacher with the current prompts and feedback: (logits, feats)."""
-        return self.teacher(images, {int(i): afp for i, afp in self.afp.items()}, self.recompute)
+        return self.teacher(images, {int(i): afp for i, afp in self.afp.items()})
 
     def extra_evals(self):  # the prompted teacher with this run's current feedback
         return {'prompted_teacher': self.prompted_teacher} if len(self.afp) else {}

@@ -66,10 +66,6 @@ class Staged(torch.nn.Module):
         modules[start].register_forward_pre_hook(partial(self._hook, 0))
         for k, name in enumerate(self._bounds[1:], 1):
             modules[name].register_forward_hook(partial(self._hook, k))
-        for parent in {name.rpartition('.')[0] for name in self._bounds}:  # recompute's units:
-            for name, child in modules[parent].named_children():  # those with no hook inside
-                if not any(b.startswith(f'{parent}.{name}.'.lstrip('.')) for b in self._bounds):
-                    child.forward = partial(self._run, child.forward)
         self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self._seen, self._format = None, {}
@@ -94,13 +90,6 @@ class Staged(torch.nn.Module):
             x = torch.cat([x[:, :prefix].detach(), m.flatten(1, 2)], 1) if layout == 'nlc' else m
         return x if output else (x, *args[1:])
 
-    def _run(self, forward, *args, **kwargs):
-        """A child of a container of taps, checkpointed (its forward: the hooks run once) if the
-        stage of the last position seen is to be recomputed."""
-        if self._seen is not None and len(self._seen) - 1 in self._recompute:
-            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
     def to_map(self, x, k):
         """The tensor at position k -> (B, C, H, W), without class or register tokens."""
         layout, prefix = self._format[k]
@@ -109,11 +98,10 @@ class Staged(torch.nn.Module):
             x = x[:, prefix:].unflatten(1, (height, -1))
         return x if layout == 'nchw' else x.permute(0, 3, 1, 2)
 
-    def forward(self, images, prompts=None, recompute=()):
+    def forward(self, images, prompts=None):
         """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} on that
-        stage's input. recompute: stage indices 0-3 run again in backward (less memory)."""
+        stage's input."""
         self._seen, self._prompts, self._hw = {}, prompts or {}, images.shape[-2:]
-        self._recompute = set(recompute) if torch.is_grad_enabled() else set()
         try:
             features = self.net.forward_features((images - self.mean) / self.std)
             feats = [self.to_map(self._seen[k], k) for k in range(1, 5)]
@@ -127,17 +115,15 @@ class Staged(torch.nn.Module):
 
     @torch.no_grad()
     def shapes(self, img_size):
-        """(input shapes, output shapes) of the 4 stages as (C, H, W), from a forward on the meta
-        device (no compute, wherever the model is). Stage k + 1's input is stage k's output."""
-        state = {name: torch.empty_like(t, device='meta')
-                 for name, t in [*self.named_parameters(), *self.named_buffers()]}
-        images, first = torch.zeros(2, 3, img_size, img_size, device='meta'), []
+        """(input shapes, output shapes) of the 4 stages as (C, H, W), from a forward of one image
+        in eval mode (no compute on the meta device). Stage k + 1's input is stage k's output."""
+        first, was_training = [], self.training
 
         def keep(m):
             first.append(tuple(m.shape[1:]))
             return m
-        was_training = self.training
-        feats = torch.func.functional_call(self.eval(), state, (images, {0: keep}))[1]
+        images = torch.zeros(1, 3, img_size, img_size, device=self.mean.device)
+        feats = self.eval()(images, {0: keep})[1]
         self.train(was_training)
         outs = [tuple(f.shape[1:]) for f in feats]
         return first + outs[:3], outs
@@ -152,12 +138,10 @@ def read_checkpoint(path, flag):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError,
-            safetensors.SafetensorError) as e:
-        if isinstance(e, pickle.UnpicklingError) and 'GLOBAL' in str(e):  # code, not weights
-            raise SystemExit(f'{flag} {path} holds pickled code, not only tensors: save its '
-                             'state_dict alone and use that.')
-        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint '
-                         f'({type(e).__name__}): it may be truncated; download or save it again.')
+            safetensors.SafetensorError) as e:  # pickled code (not tensors): UnpicklingError
+        raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint of tensors '
+                         f'({type(e).__name__}): it may be truncated or hold pickled code; save '
+                         'its state_dict alone, or download it again.')
 
 
 def load_weights(path, net, what):
@@ -200,21 +184,6 @@ def input_size(name):
     return kwargs.get('img_size', default)
 
 
-def probe(name, img_size, role='model'):
-    """The Staged model `name` on the meta device, run at img_size; else one sentence why not."""
-    try:
-        with torch.device('meta'):
-            net = create(name, 1)
-            net.shapes(img_size)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        reason = str(e).partition('\n')[0].rstrip('.') or type(e).__name__
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): '
-                         f'it takes {input_size(name)}.')
-    return net
-
-
 def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     """A Staged model from a short name (MODELS) or a timm name; mean/std default to its timm
     config's. weights: None (random), True (timm's ImageNet weights, a new head), 'timm' (timm's
@@ -239,9 +208,8 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
             cfg = timm.models.get_pretrained_cfg(timm_name)
             raise SystemExit(f'timm could not fetch {cfg.hf_hub_id or cfg.url} ({name}, '
                              f'{type(e).__name__}) into {huggingface_hub.constants.HF_HUB_CACHE} '
-                             f'or {torch.hub.get_dir()}: fetch it online, pass the file to '
-                             '--teacher-ckpt or add pretrained_cfg_overlay=dict(file=PATH) to '
-                             'its models.MODELS entry.')
+                             f'or {torch.hub.get_dir()}: fetch it online, or give the file to '
+                             '--teacher-ckpt or as pretrained_cfg_overlay=dict(file=PATH).')
         except RuntimeError as e:  # no timm weights for this name, or not of its shape (*_mini)
             reason = str(e).partition('\n')[0].rstrip('.: ') or type(e).__name__
             raise SystemExit(f'timm has no ImageNet weights that fit {name}: {reason}.')

@@ -44,7 +44,7 @@ METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'fbt', 'hc
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
 # flags that may change on --resume
 RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume',
-             'recompute_stages', 'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
+             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
              'teacher_ckpt', 'save_every_minutes'}
 STOPPED = 75  # exit code after a stop on SIGTERM/SIGUSR1: EX_TEMPFAIL (sysexits.h), to requeue on
 signal_received = None  # the name of a SIGTERM/SIGUSR1 this process received (ask_to_stop)
@@ -84,8 +84,6 @@ def parser():
     g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='teacher stages with a prompt')
     g('--no-feedback', action='store_true', help='prompts without student feedback')
     g('--afp-fusion', default='dw', choices=('dw', 'full'), help="feedback fusion's 5x5 conv")
-    g('--recompute-stages', type=STAGES_OR_NONE, default='none',
-      help='prompted teacher stages run again in backward (memory)')
     g = p.add_argument_group('baselines').add_argument
     g('--dkd', type=NONNEG, nargs=3, default=[1.0, 8.0, 4.0], metavar=('ALPHA', 'BETA', 'T'))
     g('--dkd-warmup', type=SHARE, default=20 / 240, help="share of the run DKD's weight rises over")
@@ -161,8 +159,8 @@ def resolve(args):
         check_path('--data-dir', args.data_dir, 'dataset directory')
     args.img_size = args.img_size or models.input_size(args.student)
     if args.method != 'ce':
-        models.probe(args.teacher, args.img_size, 'teacher')
-    student = models.probe(args.student, args.img_size, 'student')
+        probe(args.teacher, args.img_size, 'teacher')
+    student = probe(args.student, args.img_size, 'student')
     args.recipe = args.recipe or ('cnn' if student.layout == 'nchw' else 'vit')  # SGD for CNNs
     recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
     for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
@@ -177,6 +175,21 @@ def resolve(args):
         key = f'{args.teacher}_{args.dataset}_{args.img_size}px_{classes}cls{frac}'
         args.teacher_ckpt = os.path.join(args.teacher_dir, key + '_pre' * args.pretrained + '.pt')
     return args
+
+
+def probe(name, img_size, role='model'):
+    """The Staged model `name` on the meta device, run at img_size; else one sentence why not."""
+    try:
+        with torch.device('meta'):
+            net = models.create(name, 1)
+            net.shapes(img_size)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        reason = str(e).partition('\n')[0].rstrip('.') or type(e).__name__
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): '
+                         f'it takes {models.input_size(name)}.')
+    return net
 
 
 # The loop
@@ -350,7 +363,7 @@ def build(args, num_classes):
         return FOFA(student, teacher, args.img_size, args.nq, args.dim, raa=fofa,
                     afp_stages=stages(args.afp_stages) if fofa else (),
                     feedback=not args.no_feedback, fusion=args.afp_fusion,
-                    recompute=stages(args.recompute_stages), beta=args.beta, gamma=args.gamma,
+                    beta=args.beta, gamma=args.gamma,
                     **common)
     if args.method == 'ofa':
         return OFA(student, teacher, args.img_size, num_classes, stages(args.ofa_stages),
