@@ -30,7 +30,7 @@ import models
 import paper
 import report
 import train
-from baselines import FBT, HCD
+from baselines import FBT, HCD, OFA
 from fofa import AFP, FOFA, RAA, Distiller, conv_chain_mean
 from losses import cc, dist, dkd, dkd_parts, hcl, info_nce, kd, ofa, orthogonality, rkd
 
@@ -179,6 +179,22 @@ def test_any_timm_pair_trains_and_its_prompts_start_as_the_teacher(teacher, monk
     assert sum(p.grad.abs().sum() for p in d.student.parameters() if p.grad is not None) > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.raa.parameters())
     assert all(afp.beta.grad.abs().item() > 0 for afp in d.afp.values())
+
+
+@pytest.mark.parametrize('method', [OFA, FBT, HCD])
+@pytest.mark.parametrize('teacher,student', [('test_efficientnet', 'eva02_tiny_patch14_224'),
+                                             ('pvt_v2_b0', 'test_mambaout')])
+def test_baselines_with_modules_build_from_the_stage_shapes_of_any_pair(method, teacher, student, monkeypatch):
+    # a CNN with a head conv -> a ViT with a class token; a hierarchical transformer -> NHWC maps
+    torch.manual_seed(0)
+    pair = (tiny_model(student, monkeypatch), tiny_model(teacher, monkeypatch), 32)
+    d = method(*pair) if method is FBT else method(*pair, 10)
+    x, y = torch.rand(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    _, losses = d(x, y)
+    assert len(losses) > 2 and all(torch.isfinite(v) for v in losses.values())
+    losses['total'].backward()
+    assert sum(p.grad.abs().sum() for p in d.student.parameters() if p.grad is not None) > 0
+    assert all(p.grad is None for p in d.teacher.parameters())
 
 
 def test_models_without_4_levels_in_grid_order_and_unknown_names_end_in_one_sentence():
