@@ -12,7 +12,7 @@ from losses import hcl, kd
 
 class Distiller(nn.Module):
     """CE on the student, plus loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}
-    (default: KD) against a frozen teacher if given. The teacher is no submodule: it stays out of
+    (default: KD) against a frozen teacher if given. The teacher is not a submodule: it stays out of
     .parameters(), state_dict() and DDP, always in eval mode; .to()/.cuda()/.half() move it."""
 
     def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
