@@ -97,13 +97,15 @@ class Folder(ImageFolder):
     def __getitem__(self, index):  # the image at index or the next readable one, and its label
         for k in (i % len(self) for i in range(index, index + len(self))):
             path, target = self.samples[k]
-            try:
-                return self.transform(self.loader(path)), target
+            try:  # only the reading: a failing transform is a bug, not a bad file
+                image = self.loader(path)
             except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, huge
                 if not self.unreadable[k]:
                     print(f"warning: {path} cannot be read ({type(e).__name__}) and is replaced by "
                           "the next image of its split: remove or fix it.", file=sys.stderr)
                 self.unreadable[k] = True
+                continue
+            return self.transform(image), target
         raise SystemExit(f"No image in {self.root} can be read: check its files.")
 
 
