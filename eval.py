@@ -18,12 +18,10 @@ import train
 
 def accuracy(args):
     img_size = args.img_size or models.input_size(args.model)
-    train.probe(args.model, img_size)  # an unknown model, or a size it cannot take
+    models.probe(args.model, img_size)  # an unknown model, or a size it cannot take
     classes, norm = data.num_classes(args.dataset, args.data_dir), data.NORM[args.dataset]
-    try:  # --ckpt: a file, PATH:ema, or 'timm' (ImageNet weights)
-        net = models.create(args.model, classes, args.ckpt, *(norm or (None, None)))
-    except ValueError as e:
-        raise SystemExit(str(e))
+    # --ckpt: a file, PATH:ema, or 'timm' (ImageNet weights)
+    net = models.create(args.model, classes, args.ckpt, *(norm or (None, None)))
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     val = data.build_loaders(args.dataset, args.data_dir, img_size, args.batch_size,
                              workers=args.workers)[1]
@@ -38,7 +36,7 @@ def accuracy(args):
 def draw_attention(args):
     """RAA's attention (Eq. 4) of a FOFA run's last.pt, mean over a validation batch and heads."""
     ck = models.read_checkpoint(args.ckpt, '--ckpt')
-    run = train.get_args(['--student', 'unknown'])  # defaults for flags newer than the run
+    run = train.parser().parse_args(['--student', '-'])  # the defaults of flags newer than the run
     vars(run).update(ck.get('args', {}))
     if run.method != 'fofa' or getattr(run, 'no_raa', False) or 'model' not in ck:  # no_raa: old
         raise SystemExit(f'{args.ckpt} is not the last.pt of a FOFA run with RAA: --attn needs it.')
@@ -65,7 +63,6 @@ def draw_attention(args):
     ax.figure.savefig(args.attn, dpi=120)
     print(f'{args.attn}: RAA attention of {run.teacher} -> {run.student}, {n} queries, 4 stages')
     return attn
-
 
 
 def parser():

@@ -57,7 +57,7 @@ class Staged(torch.nn.Module):
         self._reduction = [tap['reduction'] for tap in taps[:1] + taps]
         names = [tap['module'] for tap in taps]
         if not set(names) <= modules.keys() or len(set(names)) < 4:
-            raise ValueError(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
+            raise SystemExit(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
         # stage 1 starts at the first module of the container that holds the first tap, or at the
         # tap itself (ResNet: after the maxpool); stage k + 1 takes stage k's output
         parent = names[0].rpartition('.')[0]
@@ -187,19 +187,20 @@ def input_size(name):
 def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     """A Staged model from a short name (MODELS) or a timm name; mean/std default to its timm
     config's. weights: None (random), True (timm's ImageNet weights, a new head), 'timm' (timm's
-    whole ImageNet classifier) or a checkpoint file (load_weights); False is None."""
+    whole ImageNet classifier) or a checkpoint file (load_weights); False is None. A model it
+    cannot stage ends in one sentence."""
     if weights == 'timm' and num_classes != 1000:
         raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not "
                          f'{num_classes} classes: pass a fine-tuned checkpoint file instead.')
     timm_name, defaults = MODELS.get(name, (name, {}))
     if isinstance(timm_name, str) and not timm.is_model(timm_name):
-        raise ValueError(f"unknown model '{name}': neither one of {', '.join(MODELS)} nor a timm "
+        raise SystemExit(f"unknown model '{name}': neither one of {', '.join(MODELS)} nor a timm "
                          'classifier (timm.list_models()).')
     kwargs = {**defaults, 'num_classes': num_classes, **kwargs}
     pretrained = weights in (True, 'timm')
     if not isinstance(timm_name, str):  # a class built directly (small MLPs)
         if pretrained:
-            raise ValueError(f'{name} has no timm pretrained weights: it is built from a class.')
+            raise SystemExit(f'{name} has no timm pretrained weights: it is built from a class.')
         net = timm_name(**kwargs)
     else:
         try:
@@ -216,9 +217,9 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
     model = f"model '{name}' ({type(net).__name__})"
     levels = len(getattr(net, 'feature_info', None) or ())
     if levels < 4:
-        raise ValueError(f"{model} has {levels} feature levels in timm's feature_info, not 4.")
+        raise SystemExit(f"{model} has {levels} feature levels in timm's feature_info, not 4.")
     if hasattr(net, 'unroll'):
-        raise ValueError(f'{model} keeps its tokens in mask-unit order, not as a map.')
+        raise SystemExit(f'{model} keeps its tokens in mask-unit order, not as a map.')
     if isinstance(weights, str) and weights != 'timm':
         load_weights(weights, net, f'{name} ({num_classes} classes)')
     data = timm.data.resolve_model_data_config(net)
@@ -226,5 +227,18 @@ def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
         return Staged(net, mean or data['mean'], std or data['std'],
                       kwargs.get('img_size', input_size(name)))
     except (AttributeError, AssertionError, KeyError, RuntimeError, TypeError) as e:  # lists...
-        raise ValueError(f'{model} has no single map or token tensor at its feature levels '
+        raise SystemExit(f'{model} has no single map or token tensor at its feature levels '
                          f'({type(e).__name__} in a first forward).')
+
+
+def probe(name, img_size, role='model'):
+    """The Staged model `name` on the meta device if it runs at img_size; else one sentence."""
+    try:
+        with torch.device('meta'):
+            net = create(name, 1)
+            net.shapes(img_size)
+    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
+        reason = str(e).partition('\n')[0].rstrip('.') or type(e).__name__
+        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): '
+                         f'it takes {input_size(name)}.')
+    return net

@@ -16,7 +16,6 @@ import pathlib
 import resource
 import shlex
 import signal
-import sys
 import time
 from contextlib import nullcontext, suppress
 
@@ -42,24 +41,22 @@ RECIPES = {
 }
 METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'fbt', 'hcd', 'ce')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-# flags that may change on --resume
 RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume',
-             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs',
-             'teacher_ckpt', 'save_every_minutes'}
-STOPPED = 75  # exit code after a stop on SIGTERM/SIGUSR1: EX_TEMPFAIL (sysexits.h), to requeue on
+             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt',
+             'save_every_minutes'}  # the flags that may change on --resume
+STOPPED = 75  # the exit code of a run stopped by SIGTERM/SIGUSR1: EX_TEMPFAIL, to requeue it
 signal_received = None  # the name of a SIGTERM/SIGUSR1 this process received (ask_to_stop)
 
 
 # The flags: the whole configuration (their types and checks are below the loop)
 def parser():
     p = Parser(description=__doc__.split('\n')[0], formatter_class=Help, epilog='SIGTERM or '
-               'SIGUSR1 stop a run within --log-every steps: it writes last.pt and exits with code '
-               f'{STOPPED} (EX_TEMPFAIL); torchrun restarts resume by themselves.')
+               f'SIGUSR1 stop a run within --log-every steps: last.pt, exit code {STOPPED}.')
     g = p.add_argument_group('models and data').add_argument
     g('--teacher', help='a models.MODELS name or a timm name (every method but ce)')
     g('--student', required=True, help='a models.MODELS name or a timm name')
-    g('--teacher-ckpt', metavar='PATH', help="a state_dict (timm, official, .safetensors), a "
-      "best.pt, PATH:ema (timm CheckpointSaver's EMA), 'timm' or 'random' (default: trained here)")
+    g('--teacher-ckpt', metavar='PATH', help="a state_dict, a best.pt, PATH:ema (a timm "
+      "checkpoint's EMA), 'timm' or 'random' (default: trained here)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
     g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
@@ -68,7 +65,7 @@ def parser():
     g('--data-dir', default='data', help='dataset root (cifar100: downloaded there if missing)')
     g('--img-size', type=COUNT, help="input size in pixels (default: the student's)")
     g('--train-fraction', type=checked(float, 'in (0, 1]', lambda v: 0 < v <= 1), default=1.0,
-      help='digits: train on a fixed stratified share of the train split')
+      help='digits: a fixed stratified share of the train split')
     g = p.add_argument_group('method (NOTES.md, Losses)').add_argument
     g('--method', default='fofa', choices=METHODS, help='fitnet: FOFA without RAA and AFP')
     g('--alpha', type=NONNEG, default=1.0, help="weight of KD (Eq. 8) and the baselines' terms")
@@ -112,42 +109,32 @@ def parser():
     g('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     g('--compile', action='store_true', help='torch.compile the student and the teacher')
     g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
-    g('--workers', type=NATURAL, default=data.default_workers(), help='loader processes per '
-      'process (default: the usable cores / LOCAL_WORLD_SIZE)')
-    g('--log-every', type=COUNT, default=50, help='steps between progress lines, where ranks '
-      'agree on stops and saves')
+    g('--workers', type=NATURAL, default=data.default_workers(), help='loader processes')
+    g('--log-every', type=COUNT, default=50, help='steps between progress lines (and stops)')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last)')
     g('--save-every-minutes', type=NONNEG, default=15.0, help='also save inside epochs (0: off)')
     return p
 
 
-def get_args(argv=None):
-    return parser().parse_args(argv)
-
-
 # One place decides the configuration: after resolve(), args is final (and is args.json)
 def resolve(args):
-    """Checks what argparse cannot, before anything is built or written, then fills every derived
-    value: a torchrun restart becomes --resume, unset flags take the run's values on --resume,
-    then the input size, the recipe's values, AMP and the path of the cached teacher."""
+    """Checks what argparse cannot, before anything is written; then a torchrun restart becomes
+    --resume, unset flags take the run's values on --resume, and every derived value is set."""
     if args.method != 'ce' and not args.teacher:
-        raise SystemExit(f'--method {args.method} needs a --teacher (or use --method ce to train '
-                         'without one).')
+        raise SystemExit(f'--method {args.method} needs a --teacher (--method ce trains without).')
     if min(args.dkd[2], args.dist[2]) <= 0:
-        raise SystemExit('the temperatures of --dkd (T) and --dist (TAU), their last numbers, must '
-                         'be > 0.')
+        raise SystemExit('the temperatures of --dkd and --dist, their last numbers, must be > 0.')
     check_path('--out', args.out, 'run directory', new=True)
     last = os.path.join(args.out, 'last.pt')
     if int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)) and os.path.isfile(last):
         args.resume, args.overwrite = True, False  # restarted by torchrun: go on, never wipe
     if os.path.isfile(last) and not (args.resume or args.overwrite):
-        raise SystemExit(f'{args.out} already holds a run: pass --resume to continue it or '
-                         '--overwrite to start over.')
+        raise SystemExit(f'{args.out} already holds a run: pass --resume or --overwrite.')
     if args.resume:  # unset flags take the run's values; the others must match, but RESUMABLE
         run = models.read_checkpoint(check_path('--resume: the checkpoint', last, 'file'),
                                      '--resume:').get('args') or {}
         vars(args).update({k: v for k, v in run.items() if getattr(args, k, 0) is None})
-        flags = vars(get_args(['--student', '']))  # this version's (a run may hold removed ones)
+        flags = vars(parser().parse_args(['--student', '']))  # a run may hold removed flags
         diff = [f"--{k.replace('_', '-')} {shlex.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in run.items() if k in flags and k not in RESUMABLE and v != vars(args)[k]]
         if diff:
@@ -159,8 +146,8 @@ def resolve(args):
         check_path('--data-dir', args.data_dir, 'dataset directory')
     args.img_size = args.img_size or models.input_size(args.student)
     if args.method != 'ce':
-        probe(args.teacher, args.img_size, 'teacher')
-    student = probe(args.student, args.img_size, 'student')
+        models.probe(args.teacher, args.img_size, 'teacher')
+    student = models.probe(args.student, args.img_size, 'student')
     args.recipe = args.recipe or ('cnn' if student.layout == 'nchw' else 'vit')  # SGD for CNNs
     recipe = dict(RECIPES[args.recipe], warmup_epochs=RECIPES[args.recipe]['warmup'] * args.epochs)
     for k in ('opt', 'lr', 'wd', 'warmup_epochs', 'clip'):
@@ -177,35 +164,16 @@ def resolve(args):
     return args
 
 
-def probe(name, img_size, role='model'):
-    """The Staged model `name` on the meta device, run at img_size; else one sentence why not."""
-    try:
-        with torch.device('meta'):
-            net = models.create(name, 1)
-            net.shapes(img_size)
-    except ValueError as e:
-        raise SystemExit(str(e))
-    except (AssertionError, RuntimeError) as e:  # timm's size checks; a conv on a map below 1 px
-        reason = str(e).partition('\n')[0].rstrip('.') or type(e).__name__
-        raise SystemExit(f'--img-size {img_size} does not fit the {role} {name} ({reason}): '
-                         f'it takes {models.input_size(name)}.')
-    return net
-
-
 # The loop
 def train(args, rank=0, world=1, device='cpu'):
-    """Trains as the resolved args say. Returns None when done, or where a signal stopped it
-    (last.pt written)."""
+    """Trains as the resolved args say; returns None, or where a signal stopped it (last.pt)."""
     cuda = device != 'cpu'
     train_loader, val_loader, mixup = data.build_loaders(
         args.dataset, args.data_dir, args.img_size, args.batch_size, args.recipe, args.workers,
         rank, world, args.seed, args.train_fraction, pin_memory=cuda)
     steps = len(train_loader)
     torch.manual_seed(args.seed)
-    try:
-        model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
-    except ValueError as e:
-        raise SystemExit(str(e))
+    model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
@@ -221,8 +189,7 @@ def train(args, rank=0, world=1, device='cpu'):
     student, teacher = model.student, model.teacher
     for module in filter(None, (student, teacher) if args.compile else ()):  # not the distiller's
         module.compile()
-    # only the trainable module is in DDP (the teacher is not a submodule); feedback stays per rank
-    net = DDP(model, broadcast_buffers=False) if world > 1 else model
+    net = DDP(model, broadcast_buffers=False) if world > 1 else model  # feedback stays per rank
     ctx = torch.autocast(torch.device(device).type, torch.bfloat16) if args.amp else nullcontext()
     teacher_top1 = evaluate(teacher, val_loader, device, ctx)[0] if teacher is not None else None
     note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''
@@ -237,8 +204,7 @@ def train(args, rank=0, world=1, device='cpu'):
     for epoch in range(start_epoch, args.epochs):
         first = first if epoch == start_epoch else 0  # > 0: resumed inside this epoch
         data.set_epoch(train_loader, epoch, args.seed, first)
-        # sums of the loss terms over the epoch's finite steps, on the device: read at its end
-        sums, skipped = part if first else ({}, zero)
+        sums, skipped = part if first else ({}, zero)  # the finite steps' loss sums, on the device
         streak = worst = zero  # non-finite steps in a row: now, the most in this epoch
         model.train()
         t0 = time.time()
@@ -360,11 +326,10 @@ def build(args, num_classes):
     common = dict(alpha=args.alpha, kd_t=args.kd_t, label_smoothing=args.smoothing)
     fofa = args.method == 'fofa'
     if args.method in ('fofa', 'fitnet'):  # FitNet: FOFA without RAA's attention and AFP
-        return FOFA(student, teacher, args.img_size, args.nq, args.dim, raa=fofa,
-                    afp_stages=stages(args.afp_stages) if fofa else (),
-                    feedback=not args.no_feedback, fusion=args.afp_fusion,
-                    beta=args.beta, gamma=args.gamma,
-                    **common)
+        afp_stages = stages(args.afp_stages) if fofa else ()
+        return FOFA(student, teacher, args.img_size, args.nq, args.dim, afp_stages=afp_stages,
+                    raa=fofa, feedback=not args.no_feedback, fusion=args.afp_fusion,
+                    beta=args.beta, gamma=args.gamma, **common)
     if args.method == 'ofa':
         return OFA(student, teacher, args.img_size, num_classes, stages(args.ofa_stages),
                    args.ofa_eps, **common)
@@ -399,9 +364,8 @@ def evaluate(net, loader, device, ctx):
 
 # Checkpoints: resume, log, best and last
 def start_run(args, model, opt, ema, rank, world, device):
-    """--resume: all from last.pt, at the step it was written at (log lines written after it are
-    dropped: redone); else --out loses an old run's files. Returns (epoch, step, best, the sums
-    of the interrupted epoch or None)."""
+    """--resume: all from last.pt, at its step (later log lines are redone); else --out loses an
+    old run's files. Returns (epoch, step, best, the interrupted epoch's sums or None)."""
     if not args.resume:
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -531,12 +495,11 @@ def check_path(flag, path, what, new=False):
 
 # The teacher, the processes, the signals
 def train_teacher(args, rank, world, device):
-    """Trains args.teacher with --method ce into its cache file args.teacher_ckpt. Returns where a
-    signal stopped it, or None."""
+    """Trains args.teacher (--method ce) into args.teacher_ckpt; returns where a signal stopped."""
     out = args.teacher_ckpt.removesuffix('.pt')
     # a teacher run stopped by a signal goes on (the recipe gives its other flags)
     resume = '--resume' if os.path.isfile(os.path.join(out, 'last.pt')) else '--overwrite'
-    targs = get_args(['--student', args.teacher, '--method', 'ce', resume, '--out', out])
+    targs = parser().parse_args(['--student', args.teacher, '--method', 'ce', resume, '--out', out])
     for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
               'train_fraction', 'log_every', 'eval_every', 'pretrained'):
         setattr(targs, k, getattr(args, k))
@@ -560,7 +523,7 @@ def ask_to_stop(signum, frame):  # SIGTERM (SLURM, Kubernetes, torchrun), SIGUSR
 
 def main(argv=None):
     global signal_received
-    args = resolve(get_args(argv))
+    args = resolve(parser().parse_args(argv))
     world = int(os.environ.get('WORLD_SIZE', 1))  # set by torchrun
     rank, local_rank = int(os.environ.get('RANK', 0)), int(os.environ.get('LOCAL_RANK', 0))
     device = f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu'
@@ -583,25 +546,13 @@ def main(argv=None):
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stopped and rank == 0:
+        resume = ' with --resume' if out == args.out else ''  # a teacher run goes on by itself
         print(f'{signal_received or "a signal to another process"}: stopped at {stopped}, saved '
-              f'in {out}/last.pt; continue with: {continue_command(args, argv, world, out)}',
-              flush=True)
+              f'in {out}/last.pt; to continue, run the same command{resume}.', flush=True)
     if world > 1:
         dist.destroy_process_group()
     if stopped:
         raise SystemExit(STOPPED)
-
-
-def continue_command(args, argv, world, out):
-    """The command that continues a stopped run: its flags with --resume (a stopped teacher run,
-    out != --out, goes on by itself: the same command)."""
-    flags = sys.argv[1:] if argv is None else argv
-    if out == args.out:
-        flags = [f for f in flags if f not in ('--resume', '--overwrite')] + ['--resume']
-    local = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-    nodes = f'--nnodes {world // local} ' if world > local else ''  # and the rendezvous flags
-    launcher = f'torchrun {nodes}--nproc_per_node {local}' if world > 1 else 'python'
-    return f'{launcher} {shlex.quote(os.path.relpath(__file__))} {shlex.join(flags)}'
 
 
 if __name__ == '__main__':
