@@ -1,5 +1,4 @@
-"""The comparison methods with modules of their own, OFA, FBT and HCD (NOTES.md, FBT and HCD):
-each a fofa.Distiller (CE on the student, distill() against the frozen teacher)."""
+"""Baselines with modules of their own, OFA, FBT, HCD (NOTES.md, FBT and HCD): fofa.Distillers."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,9 +10,8 @@ from losses import info_nce, kd, ofa, orthogonality
 
 
 class OFA(Distiller):
-    """OFA-KD (Hao et al. 2023): the OFA loss on the final logits and on a head per chosen student
-    stage (stride-2 separable convs to the last stage's size, 1x1 conv, pool, linear: one design
-    for the maps of every family)."""
+    """OFA-KD (Hao et al. 2023): the OFA loss on the logits and on a head per chosen student stage
+    (one design, any family: stride-2 separable convs to stage 4's size, 1x1 conv, pool, linear)."""
 
     def __init__(self, student, teacher, img_size, num_classes, stages=(1, 2, 3, 4), eps=1.0, **kw):
         super().__init__(student, teacher, **kw)
@@ -39,11 +37,10 @@ class OFA(Distiller):
 
 
 class FBT(Distiller):
-    """FBT (Li et al., ICCV'25): a fused model, stages 1-3 of side a -> L2G -> stage 4 + head of
-    side b, with a the teacher iff it is the pair's only CNN, else the student (NOTES.md, FBT).
-    L = sum over the pairs (t, s), (t, f), (f, s) of InfoNCE on the pooled final features + OFA on
-    the logits (Eq. 3). The fused side is the target in (f, s), so it is detached there: only the
-    teacher trains it. Frozen teacher stages in the fused path pass gradients on."""
+    """FBT (Li et al., ICCV'25): fused model f = a's stages 1-3 -> L2G -> b's stage 4 + head, a the
+    teacher iff it is the pair's only CNN, else the student (NOTES.md, FBT). L = sum over the pairs
+    (t, s), (t, f), (f, s) of InfoNCE on pooled final features + OFA on logits (Eq. 3); f detached
+    in (f, s), its target: only (t, f) trains it. Frozen teacher stages in f pass gradients on."""
 
     def __init__(self, student, teacher, img_size, eps=1.0, dim=128, **kw):
         super().__init__(student, teacher, **kw)
@@ -64,12 +61,11 @@ class FBT(Distiller):
         self.log_scale = nn.Parameter(torch.full((3,), 1 / 0.07).log())  # 1 / tau per pair (CLIP)
 
     def fused(self, images, stage3=None):
-        """The fused model: (logits, pooled stage-4 map). stage3: side a's stage-3 output, if
-        already computed. b runs whole with its stage-4 input replaced: its stages 1-3 run for
-        nothing (forward only), a ViT's class token is b's own, as a constant (NOTES.md, FBT)."""
+        """The fused model: (logits, pooled stage-4 map); stage3: a's stage-3 output, if computed.
+        b runs whole, stage-4 input replaced: stages 1-3 wasted (forward only; NOTES.md, FBT)."""
         a, b = (self.teacher, self.student) if self.t_first else (self.student, self.teacher)
         x = self.l2g(a(images)[1][2] if stage3 is None else stage3)
-        logits, feats = b(images, {3: lambda _: x})
+        logits, feats = b(images, {3: lambda _: x})  # a ViT's class token: b's own, constant
         return logits, feats[3].mean((2, 3))
 
     def extra_evals(self):
@@ -87,11 +83,10 @@ class FBT(Distiller):
 
 
 class HCD(Distiller):
-    """HCD (Xu et al., AAAI'26) as reconstructed from its sources (NOTES.md, HCD): per student
-    stage, a projector (OFA's head less its Linear) and a Linear-ReLU-Linear mapper from [stage
-    feature; teacher's pooled last stage] to n sub-logits, each plus the teacher's logits.
-    L = CE + KD + over stages: sub-logit CE + orthogonality, + w_kl * the mean over stages of
-    KL(sub || student), the sub-logits detached there and w_kl warmed up over a share of the run."""
+    """HCD (Xu et al., AAAI'26) reconstructed from its sources (NOTES.md, HCD): per student stage, a
+    projector (OFA's head less its Linear) and a Linear-ReLU-Linear map of [feature; pooled teacher
+    stage 4] to n sub-logits, each + the teacher's logits. L = CE + KD + per stage (sub-logit CE +
+    orthogonality) + w_kl * stage-mean KL(detached sub || student), w_kl warmed up over `warmup`."""
 
     def __init__(self, student, teacher, img_size, num_classes, n=4, w_kl=6.0, warmup=20 / 240,
                  theta=0.5, kd_t=1.0, **kw):
@@ -113,8 +108,7 @@ class HCD(Distiller):
              + t_logits[:, None] for proj, cfm, f in zip(self.proj, self.cfm, feats)]
         y = targets.unsqueeze(-1).expand(*targets.shape, self.n)  # each sub-logit: the target
         losses['sub_ce'] = sum(F.cross_entropy(s.transpose(1, 2), y) for s in z)
-        # the sub-logits are the student's targets here: detached, or the KL drags them toward
-        # the untrained student (NOTES.md, HCD)
+        # sub-logits as targets: detached, or KL drags them to the untrained student (NOTES.md, HCD)
         student = logits[:, None].expand_as(z[0]).flatten(0, 1)
         losses['sub_kl'] = sum(kd(student, s.detach().flatten(0, 1), self.kd_t) for s in z) / len(z)
         hard = targets.argmax(-1) if targets.dim() == 2 else targets  # mixup: its main class

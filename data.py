@@ -22,9 +22,8 @@ NORM = {'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), 'image
 
 
 def _posterize(img, bits_to_keep, **kwargs):
-    # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12
-    # raises, older Pillow returned a black image, which is what the recipe was trained with.
-    if bits_to_keep < 1:
+    # timm's RandAugment asks for 0 bits at magnitude 10 (reached with mstd0.5): Pillow >= 12 raises
+    if bits_to_keep < 1:  # older Pillow returned a black image, which the recipe was trained with
         return Image.new(img.mode, img.size)
     return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
@@ -116,9 +115,8 @@ def _digits_datasets(img_size, train_fraction):
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 16.
     x = torch.nn.functional.interpolate(x, img_size, mode='bilinear').clamp(0, 1)
     x, y = x.expand(-1, 3, -1, -1).contiguous(), torch.tensor(d.target, dtype=torch.int64)
-    # the split and the train subset are fixed (random_state=0), independent of the run seed
     train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target,
-                                          random_state=0)
+                                          random_state=0)  # split and subset fixed across run seeds
     if train_fraction < 1:
         train_idx, _ = train_test_split(train_idx, train_size=train_fraction,
                                         stratify=d.target[train_idx], random_state=0)
@@ -163,8 +161,7 @@ def seed_globals(*key, cuda=True):
 
 
 class SeededSamples(torch.utils.data.Dataset):
-    """A training set whose sample (index, seed, epoch) is augmented (its transform, then `augment`)
-    from that key alone: the same whatever the rank, the loader worker or the step resumed at."""
+    """A training set whose sample (index, seed, epoch) is augmented from that key alone."""
     def __init__(self, dataset, augment=torch.nn.Identity()):
         self.dataset, self.augment = dataset, augment
 
@@ -173,15 +170,14 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, seed, epoch = key
-        seed_globals(seed, epoch, i, cuda=False)
+        seed_globals(seed, epoch, i, cuda=False)  # same on any rank, loader worker or resumed step
         image, label = self.dataset[i]
-        return self.augment(image), label
+        return self.augment(image), label  # after the dataset's own transform
 
 
 class EpochSampler(DistributedSampler):
-    """DistributedSampler's permutation of (seed, epoch), of which rank r takes every world_size-th
-    sample (a step of N processes sees one process's batch of N times the size), as (index, seed,
-    epoch) keys for the workers, less the first `skip`: a run resumed inside an epoch."""
+    """DistributedSampler's permutation of (seed, epoch) as (index, seed, epoch) keys, rank r taking
+    every world_size-th (N processes step as one N-fold batch), less the first `skip` (resume)."""
     skip = 0
 
     def __iter__(self):
@@ -220,8 +216,7 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
 
 
 def set_epoch(loader, epoch, seed, step=0):
-    """The epoch's order and augmentations from `step` on (earlier batches are not loaded), a
-    function of (seed, epoch) alone: a resumed run is bit-exact."""
+    """Order and augmentations from `step` on, set by (seed, epoch) alone: bit-exact resumes."""
     loader.sampler.seed = seed
     loader.sampler.set_epoch(epoch)
-    loader.sampler.skip = step * loader.batch_size
+    loader.sampler.skip = step * loader.batch_size  # earlier batches are not loaded

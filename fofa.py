@@ -11,9 +11,8 @@ from losses import hcl, kd
 
 
 class Distiller(nn.Module):
-    """CE on the student, plus loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar}
-    (default: KD) against a frozen teacher if given. The teacher is not a submodule: it stays out of
-    .parameters(), state_dict() and DDP, always in eval mode; .to()/.cuda()/.half() move it."""
+    """Student CE + loss(logits, t_logits, targets, feats, t_feats) -> {term: scalar} (default: KD)
+    against a frozen eval-mode teacher outside .parameters(), state_dict(), DDP (.to() moves it)."""
 
     def __init__(self, student, teacher=None, loss=None, alpha=1.0, kd_t=1.0, label_smoothing=0.0):
         super().__init__()
@@ -51,8 +50,7 @@ class Distiller(nn.Module):
     def distill(self, images, targets, logits, feats, t_logits, t_feats):
         return self.loss(logits, t_logits, targets, feats, t_feats)
 
-    def extra_evals(self):
-        """{name: fn(images) -> (logits, ...)}: other models to test each epoch, as <name>_top1."""
+    def extra_evals(self):  # {name: fn(images) -> (logits, ...)}: tested each epoch as <name>_top1
         return {}
 
 
@@ -124,8 +122,8 @@ class RAA(nn.Module):
 
 
 class SE(nn.Module):
-    """The official squeeze-excitation block: it returns its gate, not the gated feature, so the
-    layers after it run on a 1x1 map and AFP's prompt is a per-sample, per-channel bias."""
+    """The official squeeze-excitation: it returns its gate, not the gated feature, so the layers
+    after it run on a 1x1 map and AFP's prompt is a per-sample, per-channel bias."""
 
     def __init__(self, c):
         super().__init__()
@@ -138,10 +136,9 @@ class SE(nn.Module):
 
 
 def conv_chain_mean(convs, *parts):
-    """Equals c(b(a(torch.cat(parts, 1)))).mean((2, 3), keepdim=True) for convs = (a, b, c): a, c
-    1x1, b k x k (zero padding k // 2, stride 1), nothing non-linear between them (the official SE
-    keeps only this mean). Per tap of b, the input's sum over the positions it reads, by two small
-    matmuls instead of full-size convs."""
+    """c(b(a(cat(parts, 1)))).mean((2, 3), keepdim=True) for convs (a, b, c): a, c 1x1, b k x k
+    (zero padding k // 2, stride 1), no activation between (the official SE keeps only this mean).
+    Per tap of b, the input's sum over the positions it reads: two small matmuls, not full convs."""
     a, b, c = convs
     k, (h, w) = b.kernel_size[0], parts[0].shape[-2:]
     assert a.kernel_size == c.kernel_size == (1, 1) and b.stride == (1, 1)
@@ -201,10 +198,9 @@ class AFP(nn.Module):
 
 
 class FOFA(Distiller):
-    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8), FD = sum over the 4 stages of
-    HCL(M_i(F_S), F'_T,i) (Eq. 2) against the prompted teacher. afp_stages: any of 1-4 (none: the
-    plain teacher's features are the targets); raa=False: FitNet. Under DDP use
-    broadcast_buffers=False (NOTES.md)."""
+    """L = CE + alpha * KD + beta * FD + gamma * Reg (Eq. 8), FD = sum_i HCL(M_i(F_S), F'_T,i)
+    (Eq. 2) over the 4 stages, against the prompted teacher. afp_stages: any of 1-4 (none: the plain
+    teacher's features are targets); raa=False: FitNet. DDP: broadcast_buffers=False (NOTES.md)."""
 
     def __init__(self, student, teacher, img_size, nq=64, dim=512, heads=8, afp_stages=(1, 2, 3, 4),
                  feedback=True, raa=True, fusion='dw', alpha=1.0, beta=1.0,

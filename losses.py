@@ -11,10 +11,9 @@ def kd(student_logits, teacher_logits, T=1.0):
 
 
 def hcl(fs, ft):
-    """Eq. 2's distance, ReviewKD's hcl (https://github.com/dvlab-research/ReviewKD): MSE of the
-    maps and of their 4x4, 2x2, 1x1 average pools below the map's height, each half the weight of
-    the one before (1/2, 1/4, 1/8), over the weights' sum. The difference is pooled (linear)."""
-    d = fs - ft
+    """Eq. 2's distance, ReviewKD's hcl (https://github.com/dvlab-research/ReviewKD): MSE of fs - ft
+    and its 4x4, 2x2, 1x1 average pools below its height, weighted 1, 1/2, 1/4, 1/8, normalised."""
+    d = fs - ft  # ReviewKD pools fs and ft: the same, pooling being linear
     loss, weight, total = d.pow(2).mean(), 1.0, 1.0
     for level in (4, 2, 1):
         if level < d.shape[-2]:
@@ -26,9 +25,8 @@ def hcl(fs, ft):
 
 # ---- Baselines (Sec. 4 comparisons; CRD is left out: NOTES.md, Losses)
 def dkd_parts(logits_s, logits_t, target, T=4.0):
-    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), b_T
-    the teacher's target probability: KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: the target
-    column dropped)."""
+    """DKD (Zhao et al., CVPR'22) Eq. 1-4 per sample, no T^2: (TCKD, NCKD, b_T), each (B,), b_T the
+    teacher's target probability: KL(p_T || p_S) = TCKD + (1 - b_T) * NCKD (NCKD: non-targets)."""
     s, t = logits_s.float() / T, logits_t.float() / T
     gt = F.one_hot(target, s.shape[-1]).bool()
     s_nt, t_nt = s[~gt].view(len(s), -1), t[~gt].view(len(t), -1)
@@ -42,19 +40,17 @@ def dkd_parts(logits_s, logits_t, target, T=4.0):
 
 
 def dkd(logits_s, logits_t, target, alpha=1.0, beta=8.0, T=4.0):
-    """DKD loss (alpha * TCKD + beta * NCKD) * T^2, batch mean; target: class indices. Defaults:
-    the paper's CIFAR-100 setting (NOTES.md, DKD)."""
-    tckd, nckd, _ = dkd_parts(logits_s, logits_t, target, T)
+    """DKD: (alpha * TCKD + beta * NCKD) * T^2, batch mean; CIFAR-100 defaults (NOTES.md, DKD)."""
+    tckd, nckd, _ = dkd_parts(logits_s, logits_t, target, T)  # target: class indices
     return (alpha * tckd + beta * nckd).mean() * T * T
 
 
 def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
-    """DIST (Huang et al., NeurIPS'22) Eq. 4-7: beta * (1 - mean Pearson over samples, the rows
-    of p) + gamma * (1 - mean Pearson over classes, its columns), p = softmax(logits / tau),
-    times tau^2. Pearson = the cosine of the centred vectors."""
+    """DIST (Huang et al., NeurIPS'22) Eq. 4-7: (beta * (1 - mean Pearson over samples, p's rows)
+    + gamma * (1 - mean Pearson over classes, its columns)) * tau^2, p = softmax(logits / tau)."""
     ps, pt = F.softmax(logits_s.float() / tau, -1), F.softmax(logits_t.float() / tau, -1)
 
-    def pearson(a, b):  # per row
+    def pearson(a, b):  # per row: the cosine of the centred vectors
         a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
         return F.cosine_similarity(a, b, -1, 1e-8)
     inter, intra = 1 - pearson(ps, pt).mean(), 1 - pearson(ps.t(), pt.t()).mean()
@@ -62,9 +58,8 @@ def dist(logits_s, logits_t, beta=1.0, gamma=1.0, tau=1.0):
 
 
 def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
-    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5: mean_b sum_c -((p_T + y)^eps - y) * log p_S at
-    temperature T (no T^2); soft targets (mixup) give their argmax class, as the official code.
-    eps = 1: CE against p_T."""
+    """OFA-KD (Hao et al., NeurIPS'23) Eq. 5 at temperature T, no T^2 (eps = 1: CE against p_T):
+    mean_b sum_c -((p_T + y)^eps - y) * log p_S; mixup targets: their argmax (official code)."""
     s, t = logits_s.float(), logits_t.float()
     y = F.one_hot(target.argmax(-1) if target.dim() == 2 else target, s.shape[-1]).float()
     w = (F.softmax(t / T, -1) + y).pow(eps) - y
@@ -72,9 +67,8 @@ def ofa(logits_s, logits_t, target, eps=1.0, T=1.0):
 
 
 def info_nce(query, keys, log_scale):
-    """InfoNCE with in-batch negatives (FBT Eq. 3): CE over the batch's keys of cos(q_i, k_j) /
-    tau, the positive k_i on the diagonal. log_scale = log(1 / tau), learnable as in CLIP, whose
-    cap of 100 on 1 / tau we keep."""
+    """InfoNCE with in-batch negatives (FBT Eq. 3): CE over keys j of cos(q_i, k_j) / tau, positive
+    k_i on the diagonal; log_scale = log(1 / tau), learnable, 1 / tau capped at 100 as in CLIP."""
     q, k = F.normalize(query.float(), dim=-1), F.normalize(keys.float(), dim=-1)
     with torch.autocast(q.device.type, enabled=False):  # float32 similarities under autocast too
         scale = log_scale.float().exp().clamp(max=100)
@@ -83,8 +77,7 @@ def info_nce(query, keys, log_scale):
 
 def orthogonality(sub_logits, target, theta=0.5):
     """HCD's orthogonality loss on (B, n, K) sub-logits: mean over samples and pairs j != k of
-    relu(cos - theta)^2, the target column set to 0 first (not -1e6, which overflows fp16 and
-    swamps every other column in bf16)."""
+    relu(cos - theta)^2, target column zeroed (not -1e6: fp16 overflow, swamps the rest in bf16)."""
     target_column = F.one_hot(target, sub_logits.shape[-1]).bool()[:, None]
     z = F.normalize(sub_logits.float().masked_fill(target_column, 0), dim=-1)
     off = ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
@@ -93,9 +86,8 @@ def orthogonality(sub_logits, target, theta=0.5):
 
 
 def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
-    """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of the pairwise distances (each
-    over its off-diagonal mean) + w_angle * smooth-L1 of the triplet angle cosines. Student and
-    teacher dims may differ (B x B matrices)."""
+    """RKD (Park et al., CVPR'19) Eq. 6-9: w_dist * smooth-L1 of pairwise distances (over their
+    off-diagonal mean) + w_angle * smooth-L1 of triplet angle cosines; dims may differ (B x B)."""
     def distances(e):  # over their off-diagonal mean
         off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
         d = (e.unsqueeze(0) - e.unsqueeze(1)).pow(2).sum(-1).clamp_min(1e-12).sqrt() * off
@@ -111,8 +103,7 @@ def rkd(emb_s, emb_t, w_dist=25.0, w_angle=50.0):
 
 def cc(emb_s, emb_t):
     """Correlation congruence (Peng et al., ICCV'19) Eq. 4: MSE of the B x B batch correlations,
-    here the Gram of L2-normalised embeddings (cosine) for the paper's Taylor-expanded RBF (a
-    series in that cosine). Dims may differ."""
+    here cosines, for the paper's Taylor-expanded RBF (a series in the cosine); dims may differ."""
     s, t = F.normalize(emb_s.float(), dim=-1), F.normalize(emb_t.float(), dim=-1)
     return (s @ s.t() - t @ t.t()).pow(2).mean()
 

@@ -1,6 +1,5 @@
-"""Any timm classifier as stem -> 4 stages -> head, the stages ending at its own feature levels
-(timm's feature_info; NOTES.md, Stage taps). It runs its own forward, hooked at positions k = 0-4
-(stage 1's input, stage k's output), and is kept whole under `.net` (a plain timm state_dict).
+"""Any timm classifier as stem -> 4 stages (ending at feature_info levels) -> head, its own forward
+hooked at k = 0-4 (stage 1's input, stage k's output; NOTES.md, Stage taps), whole in `.net`.
 
     net = models.create('deit_t', num_classes=100)  # a Staged model; net.net: the timm model
     logits, feats = net(images)                     # images in [0, 1]; feats: 4 (B, C, H, W) maps
@@ -8,6 +7,7 @@
 """
 import argparse
 import math
+import os
 import pickle
 import sys
 from contextlib import suppress
@@ -58,11 +58,10 @@ class Staged(torch.nn.Module):
         names = [tap['module'] for tap in taps]
         if not set(names) <= modules.keys() or len(set(names)) < 4:
             raise SystemExit(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
-        # stage 1 starts at the first module of the container that holds the first tap, or at the
-        # tap itself (ResNet: after the maxpool); stage k + 1 takes stage k's output
+        # stage 1 starts at the first tap's first sibling, or at the tap (ResNet: after the maxpool)
         parent = names[0].rpartition('.')[0]
         start = f'{parent}.{next(modules[parent].named_children())[0]}' if parent else names[0]
-        self._bounds = [start] + names
+        self._bounds = [start] + names  # stage k + 1 takes stage k's output
         modules[start].register_forward_pre_hook(partial(self._hook, 0))
         for k, name in enumerate(self._bounds[1:], 1):
             modules[name].register_forward_hook(partial(self._hook, k))
@@ -99,49 +98,54 @@ class Staged(torch.nn.Module):
         return x if layout == 'nchw' else x.permute(0, 3, 1, 2)
 
     def forward(self, images, prompts=None):
-        """Returns (logits, [4 stage maps]). prompts: {stage index 0-3: fn(map) -> map} on that
-        stage's input."""
+        """(logits, [4 stage maps]); prompts: {stage index 0-3: fn(map) -> map} on its input."""
         self._seen, self._prompts, self._hw = {}, prompts or {}, images.shape[-2:]
         try:
             features = self.net.forward_features((images - self.mean) / self.std)
             feats = [self.to_map(self._seen[k], k) for k in range(1, 5)]
         finally:
             self._seen = self._prompts = None  # .net runs alone again; prompts may hold graphs
-        # a head conv after the last level (MobileNetV2's 1280 channels) ends stage 4
         if features.ndim == 4 and features.shape[1] != feats[3].shape[1] and \
                 features.shape[2:] == feats[3].shape[2:]:
-            feats[3] = features
+            feats[3] = features  # a head conv after tap 4 (MobileNetV2: 1280 channels) ends stage 4
         return self.net.forward_head(features), feats
 
     @torch.no_grad()
     def shapes(self, img_size):
-        """(input shapes, output shapes) of the 4 stages as (C, H, W), from a forward of one image
-        in eval mode (no compute on the meta device). Stage k + 1's input is stage k's output."""
+        """(input shapes, output shapes) of the 4 stages, (C, H, W), from one image in eval mode."""
         first, was_training = [], self.training
 
         def keep(m):
             first.append(tuple(m.shape[1:]))
             return m
-        images = torch.zeros(1, 3, img_size, img_size, device=self.mean.device)
+        images = torch.zeros(1, 3, img_size, img_size, device=self.mean.device)  # meta: no compute
         feats = self.eval()(images, {0: keep})[1]
         self.train(was_training)
         outs = [tuple(f.shape[1:]) for f in feats]
-        return first + outs[:3], outs
+        return first + outs[:3], outs  # stage k + 1's input: stage k's output
 
 
 def read_checkpoint(path, flag):
-    """Tensors and plain containers only (weights_only; a timm CheckpointSaver's Namespace too),
-    or a .safetensors file. Any other file ends in one sentence that starts with `flag`."""
+    """Tensors and plain containers, or .safetensors; else one sentence that starts with `flag`."""
     try:
         if path.endswith('.safetensors'):
             return safetensors.torch.load_file(path)
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm CheckpointSaver's args
             return torch.load(path, map_location='cpu', weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError,
             safetensors.SafetensorError) as e:  # pickled code (not tensors): UnpicklingError
         raise SystemExit(f'{flag} {path} is not a readable PyTorch checkpoint of tensors '
                          f'({type(e).__name__}): it may be truncated or hold pickled code; save '
                          'its state_dict alone, or download it again.')
+
+
+def write_checkpoint(obj, path):
+    """torch.save, atomic: a crash while saving never replaces a good file with a truncated one."""
+    with open(f'{path}.tmp', 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f'{path}.tmp', path)
 
 
 def load_weights(path, net, what):
@@ -185,10 +189,9 @@ def input_size(name):
 
 
 def create(name, num_classes, weights=None, mean=None, std=None, **kwargs):
-    """A Staged model from a short name (MODELS) or a timm name; mean/std default to its timm
-    config's. weights: None (random), True (timm's ImageNet weights, a new head), 'timm' (timm's
-    whole ImageNet classifier) or a checkpoint file (load_weights); False is None. A model it
-    cannot stage ends in one sentence."""
+    """A Staged model from a name in MODELS or timm; mean/std default to its timm config's. weights:
+    None/False (random), True (timm's ImageNet weights, a new head), 'timm' (timm's whole ImageNet
+    classifier) or a checkpoint file (load_weights). Unstageable models end in one sentence."""
     if weights == 'timm' and num_classes != 1000:
         raise SystemExit(f"'timm' weights are the 1000-class ImageNet classifier of {name}, not "
                          f'{num_classes} classes: pass a fine-tuned checkpoint file instead.')

@@ -780,14 +780,14 @@ def test_image_pipeline_with_workers_resumes_inside_an_epoch_bit_exact(fake_cifa
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / 'last.pt'
-    train.save({'epoch': 1}, str(path))
+    models.write_checkpoint({'epoch': 1}, str(path))
 
     def crash(obj, f):
         f.write(b'truncated')
         raise OSError('disk full')
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(OSError):
-        train.save({'epoch': 2}, str(path))
+        models.write_checkpoint({'epoch': 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'epoch': 1}
 
@@ -818,10 +818,10 @@ def user_error_cases(tmp_path):
     run = train.resolve(train.parser().parse_args(ok + ['--out', str(tmp_path / 'resumable')]))
     vars(run).update(recipe='vit', img_size=32, amp=False, opt='adamw', lr=5e-4, wd=0.05, warmup_epochs=1 / 15)
     (tmp_path / 'resumable').mkdir()
-    train.save({'epoch': 1, 'args': vars(run)}, str(tmp_path / 'resumable' / 'last.pt'))
+    models.write_checkpoint({'epoch': 1, 'args': vars(run)}, str(tmp_path / 'resumable' / 'last.pt'))
     resume = ok + ['--resume', '--out', str(tmp_path / 'resumable')]
     resumable, fitnet = str(tmp_path / 'resumable' / 'last.pt'), str(tmp_path / 'fitnet.pt')  # for --attn
-    train.save({'epoch': 1, 'args': {**vars(run), 'method': 'fitnet'}, 'model': {}}, fitnet)  # no RAA
+    models.write_checkpoint({'epoch': 1, 'args': {**vars(run), 'method': 'fitnet'}, 'model': {}}, fitnet)  # no RAA
     (tmp_path / 'broken').mkdir()
     (tmp_path / 'broken' / 'last.pt').write_bytes(truncated.read_bytes())
     return [  # (argv, words the one-sentence message must contain); argv[0] names eval.py or bench.py, else train.py
@@ -929,7 +929,7 @@ def test_user_errors_are_one_sentence_and_touch_nothing(tmp_path):
     import bench
     finished = tmp_path / 'finished'
     finished.mkdir()
-    train.save({'epoch': 1}, str(finished / 'last.pt'))
+    models.write_checkpoint({'epoch': 1}, str(finished / 'last.pt'))
     (finished / 'log.jsonl').write_text('{"epoch": 1}\n')
     cases = user_error_cases(tmp_path)
     snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob('*')) if p.is_file()}
@@ -985,10 +985,10 @@ def test_runs_of_older_versions_resume_unless_their_model_is_gone(tmp_path):
     train.main(args + ['--epochs', '1'])
     ck = torch.load(run / 'last.pt', weights_only=True)
     model = {k: v for k, v in ck['model'].items() if not k.startswith('raa.qk')}
-    train.save({**ck, 'model': model}, str(run / 'last.pt'))
+    models.write_checkpoint({**ck, 'model': model}, str(run / 'last.pt'))
     with pytest.raises(SystemExit, match=r'does not build \(Missing key\(s\).*raa\.qk.*--overwrite\.$'):
         train.main(args + ['--epochs', '2', '--resume'])
-    train.save({**ck, 'args': {**ck['args'], 'afp_prompt': 'channel', 'no_raa': False}}, str(run / 'last.pt'))
+    models.write_checkpoint({**ck, 'args': {**ck['args'], 'afp_prompt': 'channel', 'no_raa': False}}, str(run / 'last.pt'))
     train.main(args + ['--epochs', '2', '--resume'])
     assert [json.loads(line)['epoch'] for line in open(run / 'log.jsonl')] == [1, 2]
 

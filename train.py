@@ -32,8 +32,8 @@ import models
 from baselines import FBT, HCD, OFA
 from fofa import FOFA, Distiller
 
-# the official configs (NOTES.md, Recipes): CNN students get SGD, ViT/MLP students AdamW with
-# mixup and RandAugment; warm-up is a share of the run: 3 and 20 of the official 300 epochs
+# the official recipes (NOTES.md): SGD for CNN students, AdamW, mixup and RandAugment for ViT/MLP
+# students; warm-up is a share of the run: 3 and 20 of the official 300 epochs
 RECIPES = {
     'cnn': dict(opt='sgd', lr=0.05, wd=2e-3, warmup=3 / 300, warmup_lr=1e-4, min_lr=1e-3, clip=0.0),
     'vit': dict(opt='adamw', lr=5e-4, wd=0.05, warmup=20 / 300, warmup_lr=5e-7, min_lr=1e-5,
@@ -195,8 +195,7 @@ def train(args, rank=0, world=1, device='cpu'):
     note = f' | teacher {args.teacher} top-1 {teacher_top1:.2f}' if teacher is not None else ''
     if rank == 0:
         print(f'{args.method}: {args.teacher or "-"} -> {args.student} on {args.dataset} at '
-              f'{args.img_size}px, {world} process(es) x batch {args.batch_size} = global batch '
-              f'{world * args.batch_size}, {steps} steps/epoch, '
+              f'{args.img_size}px, global batch {world * args.batch_size}, {steps} steps/epoch, '
               f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M trainable parameters{note}')
     params = [p for p in model.parameters() if p.requires_grad]
     fused, zero = opt.defaults.get('fused', False), torch.zeros((), device=device)
@@ -223,8 +222,7 @@ def train(args, rank=0, world=1, device='cpu'):
             with ctx:
                 _, terms = net(x, y)
             terms['total'].backward()
-            # after DDP's all-reduce every rank has the same gradients, so the same norm: a
-            # non-finite loss on any rank is skipped on every rank, with no collective of our own
+            # the same on every rank after DDP's all-reduce: a non-finite step is skipped by all
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             bad = ~torch.isfinite(norm)
             if args.clip:
@@ -246,9 +244,8 @@ def train(args, rank=0, world=1, device='cpu'):
             # a progress line: the host reads the device here only
             if worst.item() >= MAX_NONFINITE:
                 names = [k for k, v in terms.items() if k != 'total' and not v.isfinite()]
-                raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss '
-                                 f'({", ".join(names) or "total"}): lower --lr or the weight of '
-                                 'that term, or check the teacher checkpoint and data.')
+                raise SystemExit(f'{int(worst.item())} steps in a row had a non-finite loss ('
+                                 f'{", ".join(names) or "total"}): lower --lr or its weight.')
             if rank == 0 and not last:
                 print(f'epoch {epoch + 1} step {i + 1}/{steps} loss {terms["total"].item():.4f} '
                       + time_left(args, t0, epoch, i + 1 - first, steps - i - 1, world, epoch_s),
@@ -289,15 +286,14 @@ def train(args, rank=0, world=1, device='cpu'):
         save_state(args, model, opt, ema, rank, world, dict(epoch=epoch + 1, best=best, top1=top1))
         epoch_s = time.time() - t0  # training, tests and saving
         if rank == 0:
-            left = hms(epoch_s * (args.epochs - epoch - 1))
+            left = datetime.timedelta(seconds=round(epoch_s * (args.epochs - epoch - 1)))
             print(json.dumps(rec), f'| run time left {left}', flush=True)
         if stop and epoch + 1 < args.epochs:
             return f'the end of epoch {epoch + 1}'
     if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
-              f"{best['which']} student; the best over epochs of max(raw, EMA), the official "
-              f"code's metric) | last top-1 {ck['top1']:.2f} (raw student){note}")
+              f"{best['which']} student: the official metric) | last top-1 {ck['top1']:.2f}{note}")
     return None
 
 
@@ -306,12 +302,8 @@ def time_left(args, t0, epoch, done, to_go, world, epoch_s):
     step_s = (time.time() - t0) / done
     left = step_s * to_go
     run_left = left + (args.epochs - epoch - 1) * (epoch_s or step_s * (done + to_go))
-    return (f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {hms(left)}, run '
-            f'{hms(run_left)}')
-
-
-def hms(seconds):
-    return str(datetime.timedelta(seconds=round(seconds)))
+    left, run_left = (datetime.timedelta(seconds=round(s)) for s in (left, run_left))
+    return f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {left}, run {run_left}'
 
 
 # What the loop is built from
@@ -374,9 +366,8 @@ def start_run(args, model, opt, ema, rank, world, device):
             pathlib.Path(args.out, 'args.json').write_text(json.dumps(vars(args), indent=1))
         return 0, 0, {'top1': -1.0}, None
     ck = torch.load(os.path.join(args.out, 'last.pt'), map_location=device, weights_only=True)
-    others = ck.get('feedback', [])  # ranks 1.. (rank 0's is in 'model')
-    if rank:  # this rank's own feedback; with more ranks than the run had, rank 0's
-        ck['model'].update(others[rank - 1] if rank <= len(others) else {})
+    others = ck.get('feedback', [])  # ranks 1..: their own; more ranks than the run had: rank 0's
+    ck['model'].update(others[rank - 1] if 0 < rank <= len(others) else {})
     try:
         model.load_state_dict(ck['model'])
     except RuntimeError as e:  # a run of an older version whose model this one no longer builds
@@ -402,9 +393,9 @@ def save_epoch(args, rec, model, ema, best):
     if top1 is not None and max(top1, ema_top1) > best['top1']:
         which = 'ema' if ema_top1 > top1 else 'raw'
         best = {'top1': max(top1, ema_top1), 'epoch': rec['epoch'], 'which': which}
-        student = ema.module if which == 'ema' else model.student
-        save({'student': student.net.state_dict(), 'which': which, 'epoch': rec['epoch'],
-              'args': vars(args)}, os.path.join(args.out, 'best.pt'))
+        student = (ema.module if which == 'ema' else model.student).net.state_dict()
+        models.write_checkpoint(dict(student=student, which=which, epoch=rec['epoch'],
+                                     args=vars(args)), os.path.join(args.out, 'best.pt'))
     return best
 
 
@@ -417,20 +408,10 @@ def save_state(args, model, opt, ema, rank, world, position):
         feedback = [None] * world if rank == 0 else None
         dist.gather_object(own, feedback)
     if rank == 0:
-        save({'student': model.student.net.state_dict(), 'model': model.state_dict(),
-              'feedback': feedback[1:], 'optimizer': opt.state_dict(),
-              'ema': ema.state_dict() if ema else None, **position, 'args': vars(args)},
-             os.path.join(args.out, 'last.pt'))
-
-
-def save(obj, path):
-    """Atomic: a crash while saving never replaces a good file with a truncated one."""
-    tmp = f'{path}.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        state = dict(student=model.student.net.state_dict(), model=model.state_dict(),
+                     feedback=feedback[1:], optimizer=opt.state_dict(),
+                     ema=ema.state_dict() if ema else None, **position, args=vars(args))
+        models.write_checkpoint(state, os.path.join(args.out, 'last.pt'))
 
 
 # Checking the flags: one sentence for each mistake
@@ -509,8 +490,8 @@ def train_teacher(args, rank, world, device):
         print(f'no teacher in {args.teacher_ckpt}: training {args.teacher} with --method ce first')
     stopped = train(targs, rank, world, device)
     if rank == 0 and not stopped:
-        best = os.path.join(targs.out, 'best.pt')
-        save(torch.load(best, map_location='cpu', weights_only=True), args.teacher_ckpt)
+        best = torch.load(os.path.join(targs.out, 'best.pt'), map_location='cpu', weights_only=True)
+        models.write_checkpoint(best, args.teacher_ckpt)
     if world > 1:
         dist.barrier()
     return stopped
