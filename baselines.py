@@ -48,8 +48,7 @@ class FBT(Distiller):
         a, b = (teacher, student) if self.t_first else (student, teacher)
         shape = {m: m.shapes(img_size) for m in (student, teacher)}  # (stage inputs, outputs)
         c, h, w = shape[b][0][3]  # what b's stage 4 takes
-        # Swin's 7, or the largest that tiles the grid
-        window = max(k for k in range(1, 8) if h % k == 0 == w % k)
+        window = max(k for k in range(1, 8) if h % k == 0 == w % k)  # Swin's 7, or what tiles
         # L2G: PE (1x1 conv + LN, pooled to b's stage-3 grid), a Swin block (heads of 32, no shift)
         self.l2g = nn.Sequential(nn.Conv2d(shape[a][1][2][0], c, 1), nn.AdaptiveAvgPool2d((h, w)),
                                  Permute([0, 2, 3, 1]), nn.LayerNorm(c),

@@ -147,6 +147,7 @@ def parser():
     a('--selfcheck', action='store_true', help='CUDA tests; ce,kd,floor,fofa on --pairs; train.py')
     a('--pairs', default='convnext_t:deit_t,swin_t:resnet18', help='--selfcheck: TEACHER:STUDENT')
     a('--loader-steps', type=train.COUNT, default=200, help='--selfcheck: FOFA steps, half timed')
+    a('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
     p.set_defaults(batch_size=None)  # 64; 128 with --selfcheck
     return p
 

@@ -62,7 +62,6 @@ def _transform(dataset, img_size, recipe, train):
 def _image_datasets(dataset, data_dir, img_size, recipe):
     tf_train, tf_val = (_transform(dataset, img_size, recipe, t) for t in (True, False))
     if dataset == 'cifar100':
-        data_dir = data_dir or '.'
         try:  # download=True only fetches when the files are missing or corrupt
             train = CIFAR100(data_dir, True, tf_train, download=True)
             val = CIFAR100(data_dir, False, tf_val, download=True)
@@ -134,8 +133,7 @@ def default_workers():
 
 
 class TimedLoader(DataLoader):
-    """A DataLoader whose `wait` is the seconds its last epoch spent in next(loader), as the host
-    sees it (on CUDA the GPU may still run queued steps): train.py logs its share as data_wait."""
+    """A DataLoader whose `wait` is the host's seconds in next(loader) in its last epoch."""
     wait = 0.0
 
     @property
@@ -208,11 +206,9 @@ def build_loaders(dataset, data_dir, img_size, batch_size, recipe='cnn', workers
                          f"--batch-size {batch_size}: lower the batch size.")
     val_shard = range(rank, len(val_set), world_size)  # disjoint; one process: all, in order
     val_loader = DataLoader(val_set, 4 * batch_size, sampler=val_shard, **kw)  # no grad: 4x
-    mixup = None
-    if recipe == 'vit':  # soft targets, label smoothing folded in
-        mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
-                      label_smoothing=0.1, num_classes=num_classes(dataset, data_dir))
-    return train_loader, val_loader, mixup
+    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch',
+                  label_smoothing=0.1, num_classes=num_classes(dataset, data_dir))  # soft targets
+    return train_loader, val_loader, mixup if recipe == 'vit' else None  # the vit recipe's
 
 
 def set_epoch(loader, epoch, seed, step=0):

@@ -2,8 +2,6 @@
 
     python eval.py --model deit_t --ckpt runs/x/best.pt --dataset cifar100  # top-1, top-5 (+ JSON)
     python eval.py --ckpt runs/x/last.pt --attn attn.png                    # RAA attention (Fig. 3)
-
-Tables and curves of many runs: report.py; the paper's tables: paper.py.
 """
 import argparse
 import json
@@ -68,7 +66,7 @@ def draw_attention(args):
 def parser():
     p = train.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', help='architecture of the checkpoint (models.MODELS or a timm name)')
-    p.add_argument('--ckpt', help="a checkpoint (PATH:ema: a timm checkpoint's EMA), or 'timm'")
+    p.add_argument('--ckpt', required=True, help="a checkpoint, PATH:ema (its EMA) or 'timm'")
     p.add_argument('--dataset', default='digits', choices=data.DATASETS)
     p.add_argument('--data-dir', default='data')
     p.add_argument('--img-size', type=train.COUNT, help="default: the model's (224; *_mini: 32)")
@@ -82,8 +80,6 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    if not args.ckpt:
-        raise SystemExit('--ckpt is needed: a checkpoint, or timm.')
     ckpt = None if args.ckpt == 'timm' else args.ckpt.removesuffix(':ema')
     train.check_path('--ckpt', ckpt, 'checkpoint file')
     data_dir = args.data_dir if os.path.exists(args.data_dir) else None

@@ -92,8 +92,7 @@ class RAA(nn.Module):
         super().__init__()
         grid = math.isqrt(nq // 4)
         if nq < 4 or 4 * grid * grid != nq:
-            raise ValueError('N_q must be 4*k*k so that each of the 4 stages is a k x k grid (36, '
-                             f'64, 100, 144...); got {nq}')
+            raise ValueError(f'N_q must be 4*k*k (a k x k grid per stage: 36, 64...), not {nq}')
         if dim % heads:
             raise ValueError(f'the RAA dim {dim} must be divisible by its {heads} heads')
         self.heads, self.attention = heads, attention

@@ -23,7 +23,6 @@ _SWIN_T = 'swin_tiny_patch4_window7_224'
 _SWIN_SMALL = dict(depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
 # short name -> (timm name, kwargs). The *_mini models take 32x32 inputs, < 0.1 GMAC per image.
 MODELS = {
-    'resnet18': ('resnet18', {}), 'resnet50': ('resnet50', {}),
     'mobilenetv2': ('mobilenetv2_100', {}), 'convnext_t': ('convnext_tiny', {}),
     'deit_t': ('deit_tiny_patch16_224', {}), 'vit_s': ('vit_small_patch16_224', {}),
     'swin_t': (_SWIN_T, {}),
@@ -153,9 +152,8 @@ def load_weights(path, net, what):
     its EMA) or a run's best.pt/last.pt, through timm's checkpoint_filter_fn (NOTES.md)."""
     ema, path = path.endswith(':ema'), path.removesuffix(':ema')
     ck = read_checkpoint(path, 'the checkpoint')
-    keys = ('student', 'state_dict', 'model', 'model_ema')  # run, CheckpointSaver, release
-    if ema:
-        keys = ('state_dict_ema', 'model_ema')  # CheckpointSaver's EMA
+    keys = ('student', 'state_dict', 'model', 'model_ema')  # a run's, CheckpointSaver, releases
+    keys = ('state_dict_ema', 'model_ema') if ema else keys  # CheckpointSaver's EMA
     found = [ck[k] for k in keys if isinstance(ck, dict) and isinstance(ck.get(k), dict)]
     ck = next(iter(found), None if ema else ck)
     if not isinstance(ck, dict) or not all(torch.is_tensor(v) for v in ck.values()):

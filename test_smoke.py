@@ -126,7 +126,7 @@ def test_token_map_layout_keeps_class_token_first():
 
 
 def test_unknown_model_and_bad_nq_are_clear_errors():
-    with pytest.raises(SystemExit, match="unknown model 'resnet_typo': neither one of resnet18, "):
+    with pytest.raises(SystemExit, match="unknown model 'resnet_typo': neither one of mobilenetv2, "):
         models.create('resnet_typo', 10)
     for nq in (0, 50, 63, 65):
         with pytest.raises(ValueError, match='4\\*k\\*k'):
@@ -521,7 +521,7 @@ TINY = ['--dataset', 'digits', '--train-fraction', '0.3', '--batch-size', '32', 
 def test_digits_teacher_then_fofa_student_and_eval_round_trip(tmp_path, capsys):
     out, teachers = str(tmp_path / 'run'), str(tmp_path / 'teachers')
     train.main(TINY + ['--teacher', 'convnext_mini', '--student', 'vit_mini', '--epochs', '2', '--out', out,
-                       '--teacher-dir', teachers, '--teacher-epochs', '1', '--ema', '0.9'])
+                       '--teacher-dir', teachers, '--ema', '0.9'])
     cached = os.listdir(teachers)
     assert 'convnext_mini_digits_32px_10cls_frac0.3.pt' in cached
     logs = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
@@ -873,7 +873,6 @@ def user_error_cases(tmp_path):
         (ok + ['--log-every', '0'], '--log-every'),
         (ok + ['--seed', '-3'], '--seed'),
         (ok + ['--img-size', '0'], '--img-size'),
-        (['--teacher', 'convnext_mini', '--student', 'vit_mini', '--teacher-epochs', '0'] + teachers, '--teacher-epochs'),
         # 3. paths: what the path is, not "does not exist"
         (ok + ['--out', str(text)], 'is a file, not a run directory'),
         (ok + ['--out', str(text / 'run')], 'cannot be made: '),
@@ -1257,8 +1256,6 @@ def test_augmentation_is_per_image_whatever_the_workers_the_ranks_or_the_first_s
 def test_cifar100_missing(tmp_path, no_download):
     with pytest.raises(SystemExit, match='cifar-100-python'):
         data.build_loaders('cifar100', str(tmp_path / 'nowhere'), 32, 8, workers=0)
-    with pytest.raises(SystemExit, match='--data-dir'):
-        data.build_loaders('cifar100', None, 32, 8, workers=0)
 
 
 def _image_folder(root, n_classes=3, n_images=4):

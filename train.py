@@ -41,9 +41,8 @@ RECIPES = {
 }
 METHODS = ('fofa', 'fitnet', 'kd', 'dkd', 'dist', 'ofa', 'rkd', 'cc', 'fbt', 'hcd', 'ce')
 MAX_NONFINITE = 10  # skipped steps in a row before the run stops
-RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'channels_last', 'resume',
-             'overwrite', 'out', 'data_dir', 'teacher_dir', 'teacher_epochs', 'teacher_ckpt',
-             'save_every_minutes'}  # the flags that may change on --resume
+RESUMABLE = {'epochs', 'workers', 'log_every', 'eval_every', 'compile', 'resume', 'overwrite',
+             'out', 'data_dir', 'teacher_dir', 'teacher_ckpt', 'save_every_minutes'}  # may change
 STOPPED = 75  # the exit code of a run stopped by SIGTERM/SIGUSR1: EX_TEMPFAIL, to requeue it
 signal_received = None  # the name of a SIGTERM/SIGUSR1 this process received (ask_to_stop)
 
@@ -58,7 +57,6 @@ def parser():
     g('--teacher-ckpt', metavar='PATH', help="a state_dict, a best.pt, PATH:ema (a timm "
       "checkpoint's EMA), 'timm' or 'random' (default: trained here)")
     g('--teacher-dir', default='teachers', help='cache of the teachers trained here')
-    g('--teacher-epochs', type=COUNT, help='epochs of a teacher trained here (default: --epochs)')
     g('--pretrained', action='store_true', help="start the student from timm's ImageNet weights")
     g('--dataset', default='digits', choices=data.DATASETS, help='digits: sklearn, offline; '
       'folder (or imagenet): --data-dir/{train,val}/<class>/ images')
@@ -78,7 +76,7 @@ def parser():
       default=512, help='RAA width d')
     g('--beta', type=NONNEG, default=1.0, help='weight of the feature loss (Eq. 8)')
     g('--gamma', type=NONNEG, default=1.0, help='weight of the AFP regulariser (Eq. 8)')
-    g('--afp-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='teacher stages with a prompt')
+    g('--afp-stages', type=STAGES, default='1,2,3,4', help='teacher stages with a prompt')
     g('--no-feedback', action='store_true', help='prompts without student feedback')
     g('--afp-fusion', default='dw', choices=('dw', 'full'), help="feedback fusion's 5x5 conv")
     g = p.add_argument_group('baselines').add_argument
@@ -86,7 +84,7 @@ def parser():
     g('--dkd-warmup', type=SHARE, default=20 / 240, help="share of the run DKD's weight rises over")
     g('--dist', type=NONNEG, nargs=3, default=[1.0, 1.0, 1.0], metavar=('BETA', 'GAMMA', 'TAU'))
     g('--ofa-eps', type=POSITIVE, default=1.0, help='OFA (and FBT) modulating exponent epsilon')
-    g('--ofa-stages', type=STAGES_OR_NONE, default='1,2,3,4', help='OFA: stages with a head')
+    g('--ofa-stages', type=STAGES, default='1,2,3,4', help='OFA: stages with a head')
     g('--hcd-n', type=COUNT, default=4, help='HCD: sub-logits per stage')
     g('--hcd-kl', type=NONNEG, default=6.0, help='HCD: weight of the sub-logit KL (stage mean)')
     g('--hcd-warmup', type=SHARE, default=20 / 240, help='share of the run that weight rises over')
@@ -108,7 +106,6 @@ def parser():
     g('--overwrite', action='store_true', help='start over in an --out that holds a run')
     g('--amp', action=argparse.BooleanOptionalAction, help='bf16 autocast (default: on for CUDA)')
     g('--compile', action='store_true', help='torch.compile the student and the teacher')
-    g('--channels-last', action='store_true', help='channels_last memory format (CNNs on CUDA)')
     g('--workers', type=NATURAL, default=data.default_workers(), help='loader processes')
     g('--log-every', type=COUNT, default=50, help='steps between progress lines (and stops)')
     g('--eval-every', type=COUNT, default=1, help='epochs between tests (and the last)')
@@ -118,8 +115,7 @@ def parser():
 
 # One place decides the configuration: after resolve(), args is final (and is args.json)
 def resolve(args):
-    """Checks what argparse cannot, before anything is written; then a torchrun restart becomes
-    --resume, unset flags take the run's values on --resume, and every derived value is set."""
+    """Checks what argparse cannot, before anything is written, then sets every derived value."""
     if args.method != 'ce' and not args.teacher:
         raise SystemExit(f'--method {args.method} needs a --teacher (--method ce trains without).')
     if min(args.dkd[2], args.dist[2]) <= 0:
@@ -164,7 +160,6 @@ def resolve(args):
     return args
 
 
-# The loop
 def train(args, rank=0, world=1, device='cpu'):
     """Trains as the resolved args say; returns None, or where a signal stopped it (last.pt)."""
     cuda = device != 'cpu'
@@ -174,8 +169,6 @@ def train(args, rank=0, world=1, device='cpu'):
     steps = len(train_loader)
     torch.manual_seed(args.seed)
     model = build(args, data.num_classes(args.dataset, args.data_dir)).to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
     kw = dict(lr=args.lr, weight_decay=args.wd, momentum=0.9)
     try:  # fused where timm has it: it skips a non-finite step without a host sync
         opt = timm.optim.create_optimizer_v2(model, args.opt, fused=True, **kw)
@@ -215,8 +208,6 @@ def train(args, rank=0, world=1, device='cpu'):
             data.seed_globals(args.seed, epoch, i, rank)  # Mixup's draws and dropout, per step
             if mixup:
                 x, y = mixup(x, y)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             sched.step_update(step)  # a function of the step: --resume --epochs N stretches it
             model.progress = (step + 1) / (args.epochs * steps)  # warm-ups of loss terms (DKD)
             with ctx:
@@ -261,7 +252,7 @@ def train(args, rank=0, world=1, device='cpu'):
                 position = dict(epoch=epoch, step=i + 1, best=best, tally=(sums, skipped))
                 save_state(args, model, opt, ema, rank, world, position)
                 if stop:
-                    return f'epoch {epoch + 1} step {i + 1}/{steps}'
+                    return f'epoch {epoch + 1} step {i + 1}/{steps}, saved in {args.out}/last.pt'
         train_s, extra = time.time() - t0, {}
         top1 = top5 = ema_top1 = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -289,7 +280,7 @@ def train(args, rank=0, world=1, device='cpu'):
             left = datetime.timedelta(seconds=round(epoch_s * (args.epochs - epoch - 1)))
             print(json.dumps(rec), f'| run time left {left}', flush=True)
         if stop and epoch + 1 < args.epochs:
-            return f'the end of epoch {epoch + 1}'
+            return f'the end of epoch {epoch + 1}, saved in {args.out}/last.pt'
     if rank == 0:
         ck = torch.load(os.path.join(args.out, 'last.pt'), map_location='cpu', weights_only=True)
         print(f"student {args.student}: best top-1 {best['top1']:.2f} (epoch {best['epoch']}, "
@@ -306,7 +297,6 @@ def time_left(args, t0, epoch, done, to_go, world, epoch_s):
     return f'{args.batch_size * world / step_s:.1f} img/s, time left: epoch {left}, run {run_left}'
 
 
-# What the loop is built from
 def build(args, num_classes):
     """The trainable module for --method, holding the frozen teacher."""
     norm = data.NORM[args.dataset] or (None, None)
@@ -347,8 +337,7 @@ def evaluate(net, loader, device, ctx):
         with ctx:
             logits = net(x)[0].float()
         top5 = logits.topk(min(5, logits.shape[1]), -1).indices == y[:, None]
-        count = torch.tensor(len(y), device=device)
-        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), count])
+        correct += torch.stack([top5[:, 0].sum(), top5.any(1).sum(), y.new_tensor(len(y))])
     if dist.is_initialized():
         dist.all_reduce(correct)
     return (100 * correct[:2] / correct[2]).tolist()
@@ -400,8 +389,7 @@ def save_epoch(args, rec, model, ema, best):
 
 
 def save_state(args, model, opt, ema, rank, world, position):
-    """last.pt (rank 0): all to resume at position (epoch, step, ...), every rank's FOFA feedback
-    (Eq. 5) included. A collective: every rank calls it at the same step."""
+    """last.pt at `position`, every rank's FOFA feedback (Eq. 5) included: all ranks call it."""
     own = {k: v.cpu() for k, v in model.state_dict().items() if k.endswith('.feedback')}
     feedback = [own]
     if world > 1:  # rank 0 gathers every rank's own
@@ -440,9 +428,7 @@ def checked(kind, accepted, ok):
 
 def stages(text):
     """'1,2,4' -> (1, 2, 4); 'none' -> ()."""
-    if text.strip().lower() in ('none', ''):
-        return ()
-    return tuple(sorted({int(s) for s in text.split(',')}))
+    return () if text.lower() == 'none' else tuple(sorted({int(s) for s in text.split(',')}))
 
 
 COUNT = checked(int, 'an integer >= 1', lambda v: v >= 1)
@@ -450,15 +436,13 @@ NATURAL = checked(int, 'an integer >= 0', lambda v: v >= 0)
 POSITIVE = checked(float, 'a number > 0', lambda v: 0 < v < math.inf)
 NONNEG = checked(float, 'a number >= 0', lambda v: 0 <= v < math.inf)
 SHARE = checked(float, 'in [0, 1]', lambda v: 0 <= v <= 1)
-STAGES_OR_NONE = checked(str, "a comma list of stages 1-4 (e.g. 1,2,3,4) or 'none'",
-                         lambda t: set(stages(t)) <= {1, 2, 3, 4})
+STAGES = checked(str, "stages 1-4 (e.g. 1,2,4) or 'none'", lambda t: set(stages(t)) <= {1, 2, 3, 4})
 OPTIMIZER = checked(str, 'a timm optimizer name (sgd, adamw, lamb...)',
                     lambda t: t.lower().removeprefix('lookahead_') in timm.optim.list_optimizers())
 
 
 def check_path(flag, path, what, new=False):
-    """path (None passes) if it is an existing `what` ('... file' or '... directory') or, if new,
-    one that can be made; else one sentence."""
+    """path (or None) if an existing `what` ('... file', '... directory') or, if new, makeable."""
     if path is None:
         return None
     kind = 'directory' if os.path.isdir(path) else 'file'
@@ -474,18 +458,15 @@ def check_path(flag, path, what, new=False):
     return path
 
 
-# The teacher, the processes, the signals
 def train_teacher(args, rank, world, device):
     """Trains args.teacher (--method ce) into args.teacher_ckpt; returns where a signal stopped."""
     out = args.teacher_ckpt.removesuffix('.pt')
-    # a teacher run stopped by a signal goes on (the recipe gives its other flags)
-    resume = '--resume' if os.path.isfile(os.path.join(out, 'last.pt')) else '--overwrite'
+    resume = '--resume' if os.path.isfile(f'{out}/last.pt') else '--overwrite'  # a stopped one: on
     targs = parser().parse_args(['--student', args.teacher, '--method', 'ce', resume, '--out', out])
     for k in ('dataset', 'data_dir', 'img_size', 'batch_size', 'seed', 'amp', 'workers',
-              'train_fraction', 'log_every', 'eval_every', 'pretrained'):
+              'train_fraction', 'log_every', 'eval_every', 'pretrained', 'epochs'):
         setattr(targs, k, getattr(args, k))
-    targs.epochs = args.teacher_epochs or args.epochs
-    resolve(targs)
+    resolve(targs)  # the recipe gives its other flags
     if rank == 0:
         print(f'no teacher in {args.teacher_ckpt}: training {args.teacher} with --method ce first')
     stopped = train(targs, rank, world, device)
@@ -516,20 +497,19 @@ def main(argv=None):
     signal_received = None
     handlers = {s: signal.signal(s, ask_to_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        stopped, out = None, args.out
+        stopped = None
         cached = args.teacher_ckpt not in (None, 'timm', 'random')  # user files were checked
         if cached and not os.path.isfile(args.teacher_ckpt.removesuffix(':ema')):
             stopped = train_teacher(args, rank, world, device)
-            out = args.teacher_ckpt.removesuffix('.pt')
+        resume = '' if stopped else ' with --resume'  # a stopped teacher run goes on by itself
         if not stopped:
-            stopped, out = train(args, rank, world, device), args.out
+            stopped = train(args, rank, world, device)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stopped and rank == 0:
-        resume = ' with --resume' if out == args.out else ''  # a teacher run goes on by itself
-        print(f'{signal_received or "a signal to another process"}: stopped at {stopped}, saved '
-              f'in {out}/last.pt; to continue, run the same command{resume}.', flush=True)
+        print(f'{signal_received or "a signal to another process"}: stopped at {stopped}; to '
+              f'continue, run the same command{resume}.', flush=True)
     if world > 1:
         dist.destroy_process_group()
     if stopped:
