@@ -57,7 +57,7 @@ class Staged(torch.nn.Module):
         names = [tap['module'] for tap in taps]
         if not set(names) <= modules.keys() or len(set(names)) < 4:
             raise SystemExit(f"{type(net).__name__}'s feature_info does not name 4 of its modules.")
-        # stage 1: the first child of the first tap's container, or the tap (ResNet: after the maxpool)
+        # stage 1: the first child of the first tap's container, or the tap (ResNet)
         parent = names[0].rpartition('.')[0]
         start = f'{parent}.{next(modules[parent].named_children())[0]}' if parent else names[0]
         self._bounds = [start] + names  # stage k + 1 takes stage k's output
